@@ -1,0 +1,1 @@
+"""moebius-jax: Moebius inpainting in JAX/Flax."""

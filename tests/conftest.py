@@ -1,0 +1,42 @@
+"""Shared test helpers: where the reference fixtures live and how parity is judged."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def fixture_path(*parts: str) -> pathlib.Path:
+    """Path of a committed reference fixture (copied from the measured reference runs)."""
+    path = FIXTURES.joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(f"missing test fixture {path}")
+    return path
+
+
+def load_npz(*parts: str) -> dict[str, np.ndarray]:
+    with np.load(fixture_path(*parts), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    return np.moveaxis(np.asarray(x), 1, -1)
+
+
+def assert_parity(ours, ref, rel: float = 1e-4, name: str = "") -> None:
+    """The project's parity rule: max |ours - ref| <= rel * max |ref| (float32 default 1e-4)."""
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != reference {ref.shape}"
+    err = float(np.max(np.abs(ours - ref))) if ref.size else 0.0
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    assert err <= rel * scale, f"{name}: max|ours-ref| = {err:.3e} > {rel:g} * max|ref| ({scale:.3e})"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+    return FIXTURES
