@@ -1,0 +1,269 @@
+"""Typed model configs, and a reader for the reference's YAML model configs as they are.
+
+The reference describes a network with a `data` / `vae` / `model` YAML (see
+`configs/moebius.yaml`). We turn that into one generic UNet description: a list of levels,
+each saying its width and which token mixers its transformer blocks use. The Moebius student
+and the PixelHacker teacher are two points of that space (`model_type` picks the defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+STUDENT_MODEL_TYPE = "UNet2DLambdaDWConvMixFFNConditionModel_prune_down_mid_up_block_8x8"
+TEACHER_MODEL_TYPE = "UNet2DGLAConditionModel"
+
+SELF_MIXERS = ("local_lambda", "gla", "none")
+CROSS_MIXERS = ("cross_lambda", "attention", "none")
+FEED_FORWARDS = ("mix_ffn", "geglu")
+CONV_KINDS = ("dwsep", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelConfig:
+    """One resolution level of the UNet: its width and what its transformer blocks contain."""
+
+    channels: int
+    attention: bool = True  # resnet -> transformer pairs (True) or plain resnets (False)
+    self_mixer: str = "local_lambda"
+    cross_mixer: str = "cross_lambda"
+    feed_forward: str = "mix_ffn"
+    transformer_depth: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Everything that fixes the UNet's structure and parameter shapes.
+
+    `sample_size` is the latent side the weights were trained at; it sizes the
+    Interactive-lambda positional tables (S^2 rows per level).
+    """
+
+    levels: tuple[LevelConfig, ...]
+    in_channels: int = 9
+    out_channels: int = 4
+    layers_per_block: int = 2
+    mid_level: LevelConfig | None = None  # the teacher's resnet -> transformer -> resnet mid block
+    conv_kind: str = "dwsep"  # conv_in / conv_out / resnet convs: depthwise-separable or dense 3x3
+    num_heads: int = 8  # the reference's `attention_head_dim`, which diffusers uses as a head count
+    cross_attention_dim: int = 768
+    encoder_hid_dim: int = 3072
+    num_embeddings: int = 20
+    sample_size: int = 64
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    transformer_norm_eps: float = 1e-6
+    mix_mlp_ratio: float = 2.5
+    lambda_kernel_size: int = 15
+
+    @property
+    def block_out_channels(self) -> tuple[int, ...]:
+        return tuple(level.channels for level in self.levels)
+
+    @property
+    def context_length(self) -> int:
+        """Tokens per condition: the ids split into two tasks of num_embeddings / 2 tokens."""
+        return self.num_embeddings // 2
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.levels[0].channels
+
+    def native_side(self, level: int) -> int:
+        """Latent side of `level` at the trained resolution (the down path halves per level)."""
+        return self.sample_size // (2**level)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first impossible combination."""
+        if not self.levels:
+            raise ValueError("UNet config needs at least one level")
+        for i, level in enumerate(self.levels):
+            where = f"level {i} (channels {level.channels})"
+            if level.self_mixer not in SELF_MIXERS:
+                raise ValueError(f"{where}: self_mixer {level.self_mixer!r} not in {SELF_MIXERS}")
+            if level.cross_mixer not in CROSS_MIXERS:
+                raise ValueError(f"{where}: cross_mixer {level.cross_mixer!r} not in {CROSS_MIXERS}")
+            if level.feed_forward not in FEED_FORWARDS:
+                raise ValueError(f"{where}: feed_forward {level.feed_forward!r} not in {FEED_FORWARDS}")
+            if level.channels % self.norm_num_groups:
+                raise ValueError(
+                    f"{where}: channels not divisible by norm_num_groups {self.norm_num_groups}"
+                )
+            if level.channels % self.num_heads:
+                raise ValueError(f"{where}: channels not divisible by num_heads {self.num_heads}")
+        if self.conv_kind not in CONV_KINDS:
+            raise ValueError(f"conv_kind {self.conv_kind!r} not in {CONV_KINDS}")
+        if self.sample_size % (2 ** (len(self.levels) - 1)):
+            raise ValueError(
+                f"sample_size {self.sample_size} is not divisible by 2^{len(self.levels) - 1}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class VaeRef:
+    """The `vae` section of a reference config: which autoencoder the latents come from."""
+
+    model_name: str = "sdvae_f8d4"
+    model_dir: str = "./weight/vae"
+    downsample_ratio: int = 8
+    embed_dim: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A whole reference-style model config: image size, VAE reference and the UNet."""
+
+    model_type: str
+    image_size: int
+    vae: VaeRef
+    unet: UNetConfig
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.model_type == TEACHER_MODEL_TYPE
+
+
+# Keys of the reference's `model:` section that carry no information for the network
+# (they configure paths the reference never takes); accepted and ignored.
+_IGNORED_MODEL_KEYS = {
+    "model_type",
+    "encoder_hid_dim_type",  # always text_proj here: a Linear encoder_hid_dim -> cross_attention_dim
+    "projection_class_embeddings_input_dim",  # unused by the reference (no class embedding)
+    "conv_in_kernel",
+    "conv_out_kernel",
+    "down_block_types",
+    "up_block_types",
+    "mid_block_type",
+    "use_lambda_cross_attn",
+    "use_local_self_attn",
+    "attention_head_dim",
+    "block_out_channels",
+    "mix_mlp_ratio",
+    "levels",
+}
+
+_STUDENT_BLOCKS = ("DWMixTFDownBlock2D", "DWMixTFUpBlock2D")
+_TEACHER_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+_TEACHER_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+
+
+def _student_unet(model: Mapping[str, Any], sample_size: int, num_embeddings: int) -> UNetConfig:
+    channels = tuple(model["block_out_channels"])
+    for kind in list(model.get("down_block_types", ())) + list(model.get("up_block_types", ())):
+        if kind not in _STUDENT_BLOCKS:
+            raise ValueError(f"student block type {kind!r} is not supported (expected {_STUDENT_BLOCKS})")
+    if model.get("mid_block_type") is not None:
+        raise ValueError("the Moebius student has no mid block; mid_block_type must be null")
+    if model.get("use_local_self_attn", True) is not True:
+        raise ValueError("use_local_self_attn: False (global lambda) is not supported yet")
+    self_mixer = "local_lambda"
+    cross_mixer = "cross_lambda" if model.get("use_lambda_cross_attn", True) else "attention"
+    levels = tuple(
+        LevelConfig(c, True, self_mixer, cross_mixer, "mix_ffn") for c in channels
+    )
+    return UNetConfig(
+        levels=levels,
+        conv_kind="dwsep",
+        mix_mlp_ratio=float(model.get("mix_mlp_ratio", 2.5)),
+        sample_size=sample_size,
+        num_embeddings=num_embeddings,
+        **_common_unet_fields(model),
+    )
+
+
+def _teacher_unet(model: Mapping[str, Any], sample_size: int, num_embeddings: int) -> UNetConfig:
+    channels = tuple(model.get("block_out_channels", (320, 640, 1280, 1280)))
+    n = len(channels)
+    down = tuple(model.get("down_block_types", ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]))
+    up = tuple(model.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1)))
+    for kind in down:
+        if kind not in _TEACHER_DOWN:
+            raise ValueError(f"teacher down block type {kind!r} not in {sorted(_TEACHER_DOWN)}")
+    for kind in up:
+        if kind not in _TEACHER_UP:
+            raise ValueError(f"teacher up block type {kind!r} not in {sorted(_TEACHER_UP)}")
+    attention = tuple(_TEACHER_DOWN[k] for k in down)
+    if tuple(_TEACHER_UP[k] for k in reversed(up)) != attention:
+        raise ValueError("up block types must mirror the down block types")
+    mid = model.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid not in ("UNetMidBlock2DCrossAttn", None):
+        raise ValueError(f"teacher mid block type {mid!r} is not supported")
+    levels = tuple(
+        LevelConfig(c, a, "gla", "attention", "geglu") for c, a in zip(channels, attention)
+    )
+    return UNetConfig(
+        levels=levels,
+        mid_level=None if mid is None else LevelConfig(channels[-1], True, "gla", "attention", "geglu"),
+        conv_kind="dense",
+        sample_size=sample_size,
+        num_embeddings=num_embeddings,
+        **_common_unet_fields(model),
+    )
+
+
+def _common_unet_fields(model: Mapping[str, Any]) -> dict[str, Any]:
+    fields = {
+        "in_channels": model.get("in_channels", 9),
+        "out_channels": model.get("out_channels", 4),
+        "num_heads": model.get("attention_head_dim", 8),
+        "cross_attention_dim": model.get("cross_attention_dim", 768),
+        "encoder_hid_dim": model.get("encoder_hid_dim", 3072),
+    }
+    for key in ("layers_per_block", "norm_num_groups", "norm_eps"):
+        if key in model:
+            fields[key] = model[key]
+    unknown = set(model) - _IGNORED_MODEL_KEYS - set(fields) - {"attention_head_dim"}
+    if unknown:
+        raise ValueError(f"unknown model config key(s): {sorted(unknown)}")
+    if model.get("encoder_hid_dim_type", "text_proj") != "text_proj":
+        raise ValueError("only encoder_hid_dim_type: text_proj is supported")
+    return fields
+
+
+def config_from_dict(raw: Mapping[str, Any], num_embeddings: int = 20) -> ModelConfig:
+    """Build a ModelConfig from the reference's YAML schema (a parsed dict)."""
+    for section in ("data", "vae", "model"):
+        if section not in raw:
+            raise ValueError(f"model config lacks the `{section}:` section")
+    image_size = int(raw["data"]["image_size"])
+    vae = VaeRef(**{k: v for k, v in raw["vae"].items() if k in VaeRef.__dataclass_fields__})
+    if image_size % vae.downsample_ratio:
+        raise ValueError(f"image_size {image_size} is not a multiple of {vae.downsample_ratio}")
+    sample_size = image_size // vae.downsample_ratio
+    model = dict(raw["model"])
+    model_type = model.get("model_type", STUDENT_MODEL_TYPE)
+    if model_type == STUDENT_MODEL_TYPE:
+        unet = _student_unet(model, sample_size, num_embeddings)
+    elif model_type == TEACHER_MODEL_TYPE:
+        unet = _teacher_unet(model, sample_size, num_embeddings)
+    else:
+        raise ValueError(
+            f"unknown model_type {model_type!r}; expected {STUDENT_MODEL_TYPE} or {TEACHER_MODEL_TYPE}"
+        )
+    unet.validate()
+    return ModelConfig(model_type=model_type, image_size=image_size, vae=vae, unet=unet)
+
+
+def load_config(config: str | os.PathLike | Mapping[str, Any] | ModelConfig) -> ModelConfig:
+    """Read a reference-style YAML (path or parsed dict); a ModelConfig passes through."""
+    if isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, Mapping):
+        return config_from_dict(config)
+    path = os.fspath(config)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model config not found: {path}") from None
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path}: expected a YAML mapping with data/vae/model sections")
+    try:
+        return config_from_dict(raw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from e

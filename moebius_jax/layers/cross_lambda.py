@@ -1,0 +1,74 @@
+"""Interactive-lambda cross layer (Moebius `attn2`): a lambda layer over the 10 context tokens
+with a learned global (position x context-token) table for the position lambdas.
+
+The table has S^2 rows for the level's native side S (the size the weights were trained
+at). At that size it is used untouched, so the reference's numbers are reproduced exactly;
+at any other (H, W) it is resampled (see `resample_position_table`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moebius_jax.layers.batch_norm import BatchNorm
+from moebius_jax.layers.linear import conv2d, dense
+
+
+def resample_position_table(table: jnp.ndarray, side: int, hw: tuple[int, int]) -> jnp.ndarray:
+    """(side^2, m, k) table viewed as a side x side grid, resampled bilinearly to (H*W, m, k).
+
+    Half-pixel centres (corners not aligned): each table row stands for one latent cell, so
+    cell centres are what must line up, exactly as an image is resized. Identity at the
+    native size.
+    """
+    height, width = hw
+    if (height, width) == (side, side):
+        return table
+    grid = table.reshape(side, side, *table.shape[1:])
+    grid = jax.image.resize(grid, (height, width, *table.shape[1:]), method="linear", antialias=False)
+    return grid.reshape(height * width, *table.shape[1:])
+
+
+class CrossLambda(nn.Module):
+    num_heads: int = 8
+    table_side: int = 64  # native latent side of this level
+    context_length: int = 10
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(
+        self, x: jnp.ndarray, context: jnp.ndarray, hw: tuple[int, int], train: bool = False
+    ) -> jnp.ndarray:
+        b, n, c = x.shape
+        heads = self.num_heads
+        dk = dv = c // heads
+        if context.shape[1] != self.context_length:
+            raise ValueError(
+                f"Interactive-lambda needs exactly {self.context_length} context tokens, got {context.shape[1]}"
+            )
+        q = conv2d(c, 1, use_bias=False, dtype=self.dtype, name="to_q")(x.reshape(b, *hw, c))
+        q = BatchNorm(dtype=self.dtype, name="norm_q")(q, train).reshape(b, n, heads, dk)
+        keys = dense(dk, use_bias=False, dtype=self.dtype, name="to_k")(context)
+        v = dense(dv, use_bias=False, dtype=self.dtype, name="to_v")(context)
+        v = BatchNorm(dtype=self.dtype, name="norm_v")(v, train)  # BatchNorm1d over (batch, tokens)
+
+        keys = jax.nn.softmax(keys.astype(jnp.float32), axis=1).astype(v.dtype)
+        content = jnp.einsum("blk,blv->bkv", keys, v)
+        y = jnp.einsum("bnhk,bkv->bnhv", q, content)
+
+        table = self.param(
+            "rel_pos_emb",
+            nn.initializers.normal(1.0),
+            (self.table_side**2, self.context_length, dk, 1),
+            jnp.float32,
+        )
+        table = resample_position_table(table[..., 0], self.table_side, hw).astype(q.dtype)
+        # sum_k q[n,h,k] (sum_m R[n,m,k] v[m,v]): contracting k first never builds the
+        # (n, k, v) position lambdas, which is 4-5x cheaper at these widths.
+        weights = jnp.einsum("bnhk,nmk->bnhm", q, table)
+        y = y + jnp.einsum("bnhm,bmv->bnhv", weights, v)
+        return y.reshape(b, n, heads * dv)

@@ -1,0 +1,53 @@
+"""Conv and dense layers with PyTorch's padding rules and default initialisation, NHWC.
+
+XLA's "SAME" padding on a stride-2 conv pads only bottom/right, while torch's `padding=1`
+pads both sides, so every conv takes explicit symmetric padding. Initialisers follow the
+reference (model.md §6) so that training from scratch starts where the reference starts:
+conv kernels U(±1/sqrt(fan_in)) (torch's kaiming_uniform(a=√5)), linears Xavier-uniform
+with zero bias.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+
+torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def conv2d(
+    features: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int | None = None,
+    groups: int = 1,
+    use_bias: bool = True,
+    dtype: Any = None,
+    name: str | None = None,
+) -> nn.Conv:
+    """torch.nn.Conv2d equivalent (zero padding, default `padding = kernel_size // 2`)."""
+    pad = kernel_size // 2 if padding is None else padding
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=torch_conv_init,
+        name=name,
+    )
+
+
+def dense(features: int, *, use_bias: bool = True, dtype: Any = None, name: str | None = None) -> nn.Dense:
+    """torch.nn.Linear equivalent, Xavier-uniform initialised as the reference re-initialises them."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        name=name,
+    )

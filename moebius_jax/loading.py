@@ -1,0 +1,127 @@
+"""Public loaders: build a network from a config and fill it from any supported weight file.
+
+Weights may be the reference's `.bin` (torch zip pickle, read without torch), a
+`.safetensors` with the same names, an EMA `.bin` (parameters from the EMA shadows,
+BatchNorm statistics from the plain checkpoint beside it), or a directory written by
+`moebius_jax.convert`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moebius_jax.config import ModelConfig, load_config
+from moebius_jax.convert import keymap as km
+from moebius_jax.convert.errors import CheckpointError
+from moebius_jax.convert.maps import UNET_KEYMAP
+from moebius_jax.convert.orbax_io import is_orbax_dir, restore_variables
+from moebius_jax.convert.state_dict import is_ema_file, read_ema_file, read_state_dict
+from moebius_jax.models.removal_model import RemovalModel
+
+PathLike = str | os.PathLike
+
+
+def dummy_inputs(config: ModelConfig, batch: int = 1) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Zero inputs of the trained resolution, for init / eval_shape."""
+    unet = config.unet
+    side = unet.sample_size
+    return (
+        jnp.zeros((batch, side, side, unet.in_channels), jnp.float32),
+        jnp.zeros((batch,), jnp.int32),
+        jnp.zeros((batch, unet.context_length), jnp.int32),
+    )
+
+
+def build_model(config: PathLike | Mapping | ModelConfig, dtype: Any = None) -> tuple[RemovalModel, ModelConfig]:
+    cfg = load_config(config)
+    return RemovalModel(cfg.unet, dtype=dtype), cfg
+
+
+def init_variables(model: RemovalModel, config: ModelConfig, key: jax.Array) -> dict[str, Any]:
+    return dict(jax.jit(model.init)(key, *dummy_inputs(config)))
+
+
+def abstract_variables(model: RemovalModel, config: ModelConfig) -> dict[str, Any]:
+    """Shapes and dtypes of every variable, without allocating them."""
+    return dict(jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(config)))
+
+
+def _ema_sibling(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(path.name.replace(".EMA.", ".", 1))
+
+
+def load_torch_variables(
+    weights: PathLike,
+    abstract: Mapping[str, Any],
+    keymap: km.KeyMap = UNET_KEYMAP,
+    batch_stats_from: PathLike | None = None,
+) -> dict[str, Any]:
+    """Reference weights (plain, safetensors or EMA) -> Flax variables shaped like `abstract`."""
+    path = pathlib.Path(weights)
+    if not is_ema_file(path):
+        return km.to_flax(read_state_dict(path), keymap, abstract, str(path))
+
+    # EMA files hold parameters only. The reference then silently runs with initial BatchNorm
+    # statistics, which breaks eval-mode inference; we take them from the plain checkpoint.
+    params = km.to_flax(read_ema_file(path).params, keymap, abstract, str(path), optional=("batch_stats",))
+    if "batch_stats" not in abstract:
+        return params
+    stats_path = pathlib.Path(batch_stats_from) if batch_stats_from else _ema_sibling(path)
+    if not stats_path.exists():
+        raise CheckpointError(
+            f"{path}: an EMA file holds no BatchNorm statistics and {stats_path} does not exist; "
+            "pass the matching plain checkpoint as batch_stats_from=..."
+        )
+    state = read_state_dict(stats_path)
+    stats_only = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    stats = km.to_flax(stats_only, keymap, {"batch_stats": abstract["batch_stats"]}, str(stats_path))
+    return {**params, **stats}
+
+
+def load_weights(
+    weights: PathLike, abstract: Mapping[str, Any], keymap: km.KeyMap, batch_stats_from: PathLike | None = None
+) -> dict[str, Any]:
+    """Any supported weight source -> host numpy variables matching `abstract`."""
+    path = pathlib.Path(weights)
+    if path.is_dir():
+        if not is_orbax_dir(path):
+            raise CheckpointError(f"{path}: a directory of weights must be written by moebius_jax.convert")
+        return restore_variables(path, abstract)
+    if not path.exists():
+        raise FileNotFoundError(f"weights not found: {path}")
+    return load_torch_variables(path, abstract, keymap, batch_stats_from)
+
+
+def load_model(
+    config: PathLike | Mapping | ModelConfig,
+    weights: PathLike | None = None,
+    *,
+    dtype: Any = None,
+    seed: int = 0,
+    batch_stats_from: PathLike | None = None,
+) -> tuple[RemovalModel, dict[str, Any]]:
+    """Build a Moebius (or any RemovalModel-config) network and its variables.
+
+    `config`: a reference-style YAML path, its parsed dict, or a ModelConfig. `weights`:
+    `.bin` / `.safetensors` / EMA `.bin` / a moebius_jax.convert directory, or None for a
+    random initialisation from `seed`. `dtype` is the compute dtype (parameters stay float32).
+    """
+    model, cfg = build_model(config, dtype)
+    if weights is None:
+        return model, init_variables(model, cfg, jax.random.key(seed))
+    abstract = abstract_variables(model, cfg)
+    variables = load_weights(weights, abstract, UNET_KEYMAP, batch_stats_from)
+    return model, jax.tree.map(jnp.asarray, variables)
+
+
+def export_state_dict(variables: Mapping[str, Any], keymap: km.KeyMap = UNET_KEYMAP) -> dict[str, np.ndarray]:
+    """Flax variables -> the reference's state dict (names, layouts; BN counts as int64)."""
+    state = km.to_torch(jax.device_get(dict(variables)), keymap)
+    return {k: v.astype(np.int64) if k.endswith("num_batches_tracked") else v for k, v in state.items()}
