@@ -2,8 +2,9 @@
 
 Public API:
     load_model(config, weights=None) -> (model, variables)
+    load_teacher(config, weights=None) -> (model, variables)
 """
 
-from moebius_jax.loading import load_model
+from moebius_jax.loading import load_model, load_teacher
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "load_teacher"]

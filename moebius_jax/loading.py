@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moebius_jax.config import ModelConfig, load_config
+from moebius_jax.config import TEACHER_MODEL_TYPE, ModelConfig, load_config
 from moebius_jax.convert import keymap as km
 from moebius_jax.convert.errors import CheckpointError
 from moebius_jax.convert.maps import UNET_KEYMAP
@@ -119,6 +119,16 @@ def load_model(
     abstract = abstract_variables(model, cfg)
     variables = load_weights(weights, abstract, UNET_KEYMAP, batch_stats_from)
     return model, jax.tree.map(jnp.asarray, variables)
+
+
+def load_teacher(
+    config: PathLike | Mapping | ModelConfig, weights: PathLike | None = None, *, dtype: Any = None, seed: int = 0
+) -> tuple[RemovalModel, dict[str, Any]]:
+    """The PixelHacker teacher (a UNet2DGLAConditionModel config); same convention as load_model."""
+    cfg = load_config(config)
+    if not cfg.is_teacher:
+        raise ValueError(f"load_teacher expects a {TEACHER_MODEL_TYPE} config, got {cfg.model_type}")
+    return load_model(cfg, weights, dtype=dtype, seed=seed)
 
 
 def export_state_dict(variables: Mapping[str, Any], keymap: km.KeyMap = UNET_KEYMAP) -> dict[str, np.ndarray]:
