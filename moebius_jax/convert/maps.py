@@ -5,12 +5,12 @@ from __future__ import annotations
 from moebius_jax.convert.keymap import CONV2D, CONV3D_DEPTH1, IDENTITY, LINEAR, KeyMap, LeafRule
 
 # Parameter kinds shared by every torch model here, in Flax naming.
-_BATCH_NORM_STATS = (
+BATCH_NORM_STAT_RULES = (
     LeafRule(r"\.num_batches_tracked$", 0, "batch_stats", "count", IDENTITY, "num_batches_tracked"),
     LeafRule(r"\.running_mean$", 1, "batch_stats", "mean", IDENTITY, "running_mean"),
     LeafRule(r"\.running_var$", 1, "batch_stats", "var", IDENTITY, "running_var"),
 )
-_GENERIC = (
+GENERIC_RULES = (
     LeafRule(r"\.weight$", 4, "params", "kernel", CONV2D, "weight"),  # conv, depthwise, 1x1
     LeafRule(r"\.weight$", 2, "params", "kernel", LINEAR, "weight"),  # nn.Linear
     LeafRule(r"\.weight$", 1, "params", "scale", IDENTITY, "weight"),  # Batch/Group/Layer/RMS norm
@@ -20,11 +20,11 @@ _GENERIC = (
 # Moebius student and PixelHacker teacher (both wrapped in RemovalModel).
 UNET_KEYMAP = KeyMap(
     rules=(
-        *_BATCH_NORM_STATS,
+        *BATCH_NORM_STAT_RULES,
         LeafRule(r"^embedding_layer\.weight$", 2, "params", "embedding", IDENTITY, "weight"),
         LeafRule(r"\.rel_pos_emb$", 4, "params", "rel_pos_emb", IDENTITY, "rel_pos_emb"),
         LeafRule(r"\.pos_conv\.weight$", 5, "params", "kernel", CONV3D_DEPTH1, "weight"),
-        *_GENERIC,
+        *GENERIC_RULES,
     ),
     containers=frozenset(
         {"down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
