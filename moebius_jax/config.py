@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import yaml
+
+# The shipped model configs (reference schema) live at the top of the source tree.
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 STUDENT_MODEL_TYPE = "UNet2DLambdaDWConvMixFFNConditionModel_prune_down_mid_up_block_8x8"
 TEACHER_MODEL_TYPE = "UNet2DGLAConditionModel"
@@ -267,3 +271,8 @@ def load_config(config: str | os.PathLike | Mapping[str, Any] | ModelConfig) -> 
         return config_from_dict(raw)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: {e}") from e
+
+
+def default_model_config() -> pathlib.Path:
+    """The paper's 0.22B student config (configs/moebius.yaml)."""
+    return CONFIG_DIR / "moebius.yaml"

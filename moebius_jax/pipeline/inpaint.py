@@ -1,0 +1,199 @@
+"""`InpaintPipeline`: images + masks in, inpainted PIL images out.
+
+One image travels: load (any mode, EXIF applied) -> `prepare` (binarise, resize to a
+multiple of 64, latent mask) -> `Sampler` (encode, 19 DDIM+CFG steps, decode; one jit) ->
+uint8 -> paste into the untouched original at its own size (or, with `reference_size=True`,
+the reference's resized output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from moebius_jax.config import ModelConfig, default_model_config, load_config
+from moebius_jax.convert.orbax_io import CONFIG_FILE, is_orbax_dir
+from moebius_jax.loading import load_model
+from moebius_jax.models.removal_model import RemovalModel
+from moebius_jax.models.vae import AutoencoderKL
+from moebius_jax.pipeline.image_io import ImageSource, load_image, load_mask
+from moebius_jax.pipeline.postprocess import paste as paste_at_size
+from moebius_jax.pipeline.postprocess import paste_back_to_original, paste_compensate, to_uint8
+from moebius_jax.pipeline.preprocess import Prepared, binarize_mask, prepare
+from moebius_jax.pipeline.sampler import Sampler, SamplerNoise, SamplerSettings
+from moebius_jax.vae_loading import load_vae
+
+log = logging.getLogger(__name__)
+
+MIN_SIDE = 64  # one latent cell of the lowest UNet level; smaller inputs carry too little to inpaint
+HUGE_SIDE = 4096  # beyond this we warn: the model runs at `resolution` and the paste upsamples a lot
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Timing:
+    compile_seconds: float = 0.0
+    run_seconds: float = 0.0
+    images: int = 0
+
+
+class InpaintPipeline:
+    """Moebius inpainting: `pipe(images, masks)` -> list of PIL images.
+
+    Masks: white (>= 128) marks the region to fill. Images in a call that resize to the same
+    size run together in batches of `batch_size`; each image's noise depends only on `seed`
+    and its position in the call, so batching never changes a result.
+    """
+
+    def __init__(self, model: RemovalModel, unet_variables: Any, vae: AutoencoderKL, vae_variables: Any,
+                 *, resolution: int = 512):
+        self.model, self.unet_variables = model, unet_variables
+        self.vae, self.vae_variables = vae, vae_variables
+        self.resolution = resolution
+        self.sampler = Sampler(model, vae, model.config.num_embeddings)
+        self.timing = Timing()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        weights: str | os.PathLike,
+        vae: str | os.PathLike,
+        config: str | os.PathLike | ModelConfig | None = None,
+        dtype: str = "float32",
+        resolution: int | None = None,
+    ) -> InpaintPipeline:
+        """Load the student and the VAE. `config` defaults to the one saved with converted
+        weights, else the paper's model (`configs/moebius.yaml`); `resolution` to its image size."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        weights = pathlib.Path(weights)
+        if config is None:
+            saved = weights / CONFIG_FILE
+            config = saved if is_orbax_dir(weights) and saved.exists() else default_model_config()
+        cfg = load_config(config)
+        model, unet_variables = load_model(cfg, weights, dtype=DTYPES[dtype])
+        vae_module, vae_variables = load_vae(vae, dtype=DTYPES[dtype])
+        return cls(model, unet_variables, vae_module, vae_variables, resolution=resolution or cfg.image_size)
+
+    def __call__(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        masks: ImageSource | Sequence[ImageSource],
+        steps: int = 20,
+        guidance_scale: float = 2.5,
+        seed: int = 0,
+        strength: float = 0.99,
+        paste: bool = True,
+        compensate: bool = False,
+        *,
+        noise_offset: float = 0.0357,
+        resolution: int | None = None,
+        reference_size: bool = False,
+        resize_mask: bool = False,
+        batch_size: int = 8,
+        on_error: str = "raise",
+    ) -> list[Image.Image | None]:
+        """Inpaint `images` (PIL, paths or arrays; one or a list) with `masks` (same forms).
+
+        Bad inputs (unreadable file, mask of another size, image too small) raise ValueError
+        naming the file; with `on_error="skip"` they are logged and their result is None.
+        """
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        single = isinstance(images, (str, os.PathLike, Image.Image, np.ndarray))
+        images = [images] if single else list(images)
+        masks = [masks] if single else list(masks)
+        if len(images) != len(masks):
+            raise ValueError(f"{len(images)} images but {len(masks)} masks")
+        resolution = resolution or self.resolution
+        settings = SamplerSettings(num_steps=steps, strength=strength)
+        key = jax.random.key(seed)
+
+        results: list[Image.Image | None] = [None] * len(images)
+        pending: dict[tuple[int, int], list[tuple[int, Image.Image, Image.Image, Prepared]]] = {}
+        for i, (image_src, mask_src) in enumerate(zip(images, masks)):
+            try:
+                image, mask = self._load_pair(image_src, mask_src, resize_mask)
+                if not np.any(np.asarray(binarize_mask(mask))):
+                    results[i] = image.copy()  # nothing to fill: the input, untouched, no model call
+                    continue
+                prepared = prepare(image, mask, resolution)
+            except ValueError as e:  # ImageLoadError included
+                if on_error == "raise":
+                    raise
+                log.error("skipping %s: %s", _name(image_src), e)
+                continue
+            if max(image.size) > HUGE_SIDE:
+                log.warning("%s is %dx%d: the model runs at %d px and the result is upsampled back",
+                            _name(image_src), *image.size, resolution)
+            pending.setdefault(prepared.resized_size, []).append((i, image, mask, prepared))
+
+        for group in pending.values():
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                decoded = self._run(chunk, key, guidance_scale, noise_offset, settings)
+                for (i, image, mask, prepared), result in zip(chunk, decoded):
+                    results[i] = Image.fromarray(
+                        self._finish(result, image, mask, prepared, paste, compensate, reference_size))
+        return results
+
+    @staticmethod
+    def _load_pair(image_src: ImageSource, mask_src: ImageSource, resize_mask: bool) -> tuple[Image.Image, Image.Image]:
+        image, mask = load_image(image_src), load_mask(mask_src)
+        if min(image.size) < MIN_SIDE:
+            raise ValueError(f"image {_name(image_src)} is {image.size[0]}x{image.size[1]}; "
+                             f"both sides must be at least {MIN_SIDE} px")
+        if mask.size != image.size:
+            if not resize_mask:
+                raise ValueError(
+                    f"image {_name(image_src)} is {image.size[0]}x{image.size[1]} but its mask "
+                    f"{_name(mask_src)} is {mask.size[0]}x{mask.size[1]}; pass resize_mask=True to resize it")
+            mask = mask.resize(image.size, Image.Resampling.NEAREST)
+        return image, mask
+
+    def _run(self, chunk, key, guidance_scale, noise_offset, settings) -> np.ndarray:
+        prepared = [item[3] for item in chunk]
+        h, w = prepared[0].latent_mask.shape[:2]
+        # Per-image noise from (seed, index in the call): independent of how images are batched.
+        draws = [SamplerNoise.draw(jax.random.fold_in(key, i), 1, (h, w)) for i, *_ in chunk]
+        noise = jax.tree.map(lambda *xs: jnp.concatenate(xs), *draws)
+        compile_before = self.sampler.compile_seconds
+        start = time.perf_counter()
+        out = self.sampler(
+            self.unet_variables, self.vae_variables,
+            np.stack([p.image for p in prepared]), np.stack([p.masked_image for p in prepared]),
+            np.stack([p.latent_mask for p in prepared]), noise,
+            guidance_scale=guidance_scale, noise_offset=noise_offset, settings=settings,
+        )
+        decoded = to_uint8(np.asarray(out.decoded))
+        compiled = self.sampler.compile_seconds - compile_before
+        self.timing.compile_seconds += compiled
+        self.timing.run_seconds += time.perf_counter() - start - compiled
+        self.timing.images += len(chunk)
+        return decoded
+
+    @staticmethod
+    def _finish(result: np.ndarray, image: Image.Image, mask: Image.Image, prepared: Prepared,
+                paste: bool, compensate: bool, reference_size: bool) -> np.ndarray:
+        if reference_size:  # the reference's output: the resized multiple-of-64 image
+            if not paste:
+                return result
+            blend = paste_compensate if compensate else paste_at_size
+            return blend(result, prepared.resized_image, prepared.resized_mask)
+        if not paste:
+            return np.asarray(Image.fromarray(result).resize(image.size, Image.Resampling.LANCZOS))
+        return paste_back_to_original(result, image, mask, compensate=compensate)
+
+
+def _name(src: ImageSource) -> str:
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>"
