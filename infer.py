@@ -6,9 +6,12 @@ A folder:     python infer.py --weights W --vae V --image-dir photos/ --mask-dir
 Masks are white (>= 128) where the image should be filled. Folder pairs are matched by file
 stem; files without a partner are listed, not silently skipped. Results keep the input's size
 and, outside the blurred mask border, its exact pixels (`--reference-size` gives the
-reference's resized output instead). `--weights` may be a .bin / .safetensors / EMA file, a
-directory from `python -m moebius_jax.convert`, or a Hugging Face id `org/repo/path` (fetched
-and converted once into ~/.cache/moebius_jax).
+reference's resized output instead). `--strategy crop` (default) fills the mask in square
+windows around it at the model's own scale, `--strategy resize` runs the whole photo with its
+short side resized to the model's resolution; both agree when the short side is at most that.
+`--weights` may be a .bin / .safetensors / EMA file, a directory from
+`python -m moebius_jax.convert`, or a Hugging Face id `org/repo/path` (fetched and converted
+once into ~/.cache/moebius_jax).
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--compensate", action="store_true", help="colour-compensated paste")
     s.add_argument("--reference-size", action="store_true", help="output at the resized multiple-of-64 size, as the reference")
     s.add_argument("--resize-mask", action="store_true", help="resize a mask whose size differs from its image")
+    s.add_argument("--strategy", choices=("crop", "resize"), default="crop",
+                   help="crop: windows around the mask at the model's scale; resize: the whole image")
+    s.add_argument("--crop-margin", type=float, default=0.5,
+                   help="crop context on each side of the mask, as a fraction of its bounding box's long side")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = p.parse_args(argv)
@@ -137,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             strength=args.strength, paste=not args.no_paste, compensate=args.compensate,
             noise_offset=args.noise_offset, reference_size=args.reference_size,
             resize_mask=args.resize_mask, batch_size=args.batch_size, on_error="skip",
+            strategy=args.strategy, crop_margin=args.crop_margin,
         )
         for (_, _, out), result in zip(chunk, results):
             if result is None:

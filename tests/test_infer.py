@@ -56,8 +56,10 @@ def test_reference_size_output_and_batching_invariance(pipe):
     together = pipe([a, b], [ma, mb], reference_size=True, batch_size=2, **FAST)
     one_by_one = pipe([a, b], [ma, mb], reference_size=True, batch_size=1, **FAST)
     assert together[0].size == together[1].size == (192, 128)
+    # Same noise either way; a batched conv may round differently, so allow a few +-1 pixels.
     for x, y in zip(together, one_by_one):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        diff = np.abs(np.asarray(x, int) - np.asarray(y, int))
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size
 
 
 def test_empty_mask_returns_the_input_without_running_the_model(pipe):

@@ -120,6 +120,7 @@ def inpaint(pipe: InpaintPipeline, root: pathlib.Path, pairs: Sequence[Pair], pr
             [p.mask_path(root) if t else _PLACEHOLDER_MASK for p, t in zip(chunk, todo)],
             steps=settings["steps"], guidance_scale=settings["cfg"], seed=settings["seed"] + start,
             resolution=settings["model_resolution"], batch_size=size, on_error="skip",
+            strategy="resize",  # the benchmark protocol: the whole image at the model resolution
         )
         for pair, wanted, result in zip(chunk, todo, results):
             if not wanted:

@@ -19,17 +19,29 @@ from moebius_jax.layers.linear import conv2d, dense
 
 
 def resample_position_table(table: jnp.ndarray, side: int, hw: tuple[int, int]) -> jnp.ndarray:
-    """(side^2, m, k) table viewed as a side x side grid, resampled bilinearly to (H*W, m, k).
+    """(side^2, ...) table viewed as a side x side grid, resampled bilinearly to (H*W, ...).
 
-    Half-pixel centres (corners not aligned): each table row stands for one latent cell, so
-    cell centres are what must line up, exactly as an image is resized. Identity at the
-    native size.
+    Returned untouched at the native size (H, W) = (side, side), so trained-size runs are
+    bit-identical to the reference. Elsewhere the choices are those of an image resize, and why:
+
+    * Half-pixel centres, corners not aligned: each row belongs to one latent *cell*, so the
+      centres of cells covering the same part of the picture must line up. Aligning corners
+      would stretch the grid by side/(side-1) and shift every interior position.
+    * Antialias on, which matters only when shrinking (a resolution below the trained one):
+      each new cell covers several native cells, so it gets their triangle-weighted mean.
+      Plain 2-tap bilinear, shrinking k > 2 times, reads 2 of every k rows and drops the rest,
+      so which learned positions count would depend on the phase of the grid and jump as the
+      size changes. This is the usual rule for resizing learned position embeddings (timm,
+      big_vision).
+      Upsampling (the usual case: the pipeline keeps the trained short side unless told
+      otherwise) is plain bilinear either way, and an axis kept at its native length is left
+      exactly as it is.
     """
     height, width = hw
     if (height, width) == (side, side):
         return table
     grid = table.reshape(side, side, *table.shape[1:])
-    grid = jax.image.resize(grid, (height, width, *table.shape[1:]), method="linear", antialias=False)
+    grid = jax.image.resize(grid, (height, width, *table.shape[1:]), method="linear", antialias=True)
     return grid.reshape(height * width, *table.shape[1:])
 
 

@@ -1,9 +1,10 @@
 """`InpaintPipeline`: images + masks in, inpainted PIL images out.
 
-One image travels: load (any mode, EXIF applied) -> `prepare` (binarise, resize to a
-multiple of 64, latent mask) -> `Sampler` (encode, 19 DDIM+CFG steps, decode; one jit) ->
-uint8 -> paste into the untouched original at its own size (or, with `reference_size=True`,
-the reference's resized output).
+One image travels: load (any mode, EXIF applied) -> windows to run (`strategy="crop"`:
+context windows around the mask, `moebius_jax.pipeline.crop`; `"resize"`: the whole image) ->
+per window `prepare` (binarise, resize to a multiple of 64, latent mask) -> `Sampler` (encode,
+19 DDIM+CFG steps, decode; one jit) -> uint8 -> paste into the untouched original at its own
+size (or, with `reference_size=True`, the reference's resized output).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from moebius_jax.convert.orbax_io import CONFIG_FILE, is_orbax_dir
 from moebius_jax.loading import load_model
 from moebius_jax.models.removal_model import RemovalModel
 from moebius_jax.models.vae import AutoencoderKL
+from moebius_jax.pipeline import crop
 from moebius_jax.pipeline.image_io import ImageSource, load_image, load_mask
 from moebius_jax.pipeline.postprocess import paste as paste_at_size
 from moebius_jax.pipeline.postprocess import paste_back_to_original, paste_compensate, to_uint8
@@ -38,6 +40,20 @@ log = logging.getLogger(__name__)
 MIN_SIDE = 64  # one latent cell of the lowest UNet level; smaller inputs carry too little to inpaint
 HUGE_SIDE = 4096  # beyond this we warn: the model runs at `resolution` and the paste upsamples a lot
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+STRATEGIES = ("crop", "resize")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One window of one image on its way through the model."""
+
+    index: int  # the image's position in the call
+    number: int  # the window's position among the image's windows
+    key: jax.Array  # its noise key
+    box: crop.Box  # the window in the image
+    image: Image.Image  # the window cut from the image
+    paste_mask: Image.Image  # the mask pixels this window pastes (L, 255 = fill)
+    prepared: Prepared  # from the window and every hole in it
 
 
 @dataclasses.dataclass
@@ -52,7 +68,8 @@ class InpaintPipeline:
 
     Masks: white (>= 128) marks the region to fill. Images in a call that resize to the same
     size run together in batches of `batch_size`; each image's noise depends only on `seed`
-    and its position in the call, so batching never changes a result.
+    and its position in the call, so batching changes a result by float rounding at most
+    (a batched convolution may round differently: rarely, a pixel moves by 1).
     """
 
     def __init__(self, model: RemovalModel, unet_variables: Any, vae: AutoencoderKL, vae_variables: Any,
@@ -102,14 +119,25 @@ class InpaintPipeline:
         resize_mask: bool = False,
         batch_size: int = 8,
         on_error: str = "raise",
+        strategy: str = "crop",
+        crop_margin: float = crop.DEFAULT_MARGIN,
     ) -> list[Image.Image | None]:
         """Inpaint `images` (PIL, paths or arrays; one or a list) with `masks` (same forms).
+
+        `strategy="crop"` runs the model on square windows around the mask, at least
+        `resolution` px with `crop_margin` x the hole's size of context on each side, and
+        pastes them back: pixels outside the windows are the input's. A window that would
+        reach the image's short side becomes the whole image, so an image whose short side is
+        at most `resolution` gives exactly the `"resize"` result: the whole image with its short
+        side resized to `resolution`. `reference_size=True` always runs the whole image.
 
         Bad inputs (unreadable file, mask of another size, image too small) raise ValueError
         naming the file; with `on_error="skip"` they are logged and their result is None.
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         single = isinstance(images, (str, os.PathLike, Image.Image, np.ndarray))
         images = [images] if single else list(images)
         masks = [masks] if single else list(masks)
@@ -120,32 +148,56 @@ class InpaintPipeline:
         key = jax.random.key(seed)
 
         results: list[Image.Image | None] = [None] * len(images)
-        pending: dict[tuple[int, int], list[tuple[int, Image.Image, Image.Image, Prepared]]] = {}
+        originals: dict[int, Image.Image] = {}
+        pieces: dict[int, list[tuple[_Job, np.ndarray] | None]] = {}  # per image, per window
+        pending: dict[tuple[int, int], list[_Job]] = {}
         for i, (image_src, mask_src) in enumerate(zip(images, masks)):
             try:
                 image, mask = self._load_pair(image_src, mask_src, resize_mask)
-                if not np.any(np.asarray(binarize_mask(mask))):
+                hole = np.asarray(binarize_mask(mask)) > 0
+                if not np.any(hole):
                     results[i] = image.copy()  # nothing to fill: the input, untouched, no model call
                     continue
-                prepared = prepare(image, mask, resolution)
+                if strategy == "resize" or reference_size:
+                    windows = [crop.Window((0, 0, *image.size), hole)]
+                else:
+                    windows = crop.plan_windows(hole, resolution, crop_margin)
+                jobs = [self._job(i, j, key, image, mask, window, resolution)
+                        for j, window in enumerate(windows)]
             except ValueError as e:  # ImageLoadError included
                 if on_error == "raise":
                     raise
                 log.error("skipping %s: %s", _name(image_src), e)
                 continue
-            if max(image.size) > HUGE_SIDE:
-                log.warning("%s is %dx%d: the model runs at %d px and the result is upsampled back",
-                            _name(image_src), *image.size, resolution)
-            pending.setdefault(prepared.resized_size, []).append((i, image, mask, prepared))
+            originals[i], pieces[i] = image, [None] * len(jobs)
+            for job in jobs:
+                if max(job.image.size) > HUGE_SIDE:
+                    log.warning("%s: a %dx%d window runs at %d px and its result is upsampled back",
+                                _name(image_src), *job.image.size, resolution)
+                pending.setdefault(job.prepared.resized_size, []).append(job)
 
         for group in pending.values():
             for start in range(0, len(group), batch_size):
                 chunk = group[start:start + batch_size]
-                decoded = self._run(chunk, key, guidance_scale, noise_offset, settings)
-                for (i, image, mask, prepared), result in zip(chunk, decoded):
-                    results[i] = Image.fromarray(
-                        self._finish(result, image, mask, prepared, paste, compensate, reference_size))
+                for job, result in zip(chunk, self._run(chunk, guidance_scale, noise_offset, settings)):
+                    pieces[job.index][job.number] = job, result
+        for i, image in originals.items():
+            results[i] = Image.fromarray(self._assemble(image, pieces[i], paste, compensate, reference_size))
+        self.timing.images += len(originals)  # images, not windows: per-image cost stays comparable
         return results
+
+    @staticmethod
+    def _job(index: int, number: int, key: jax.Array, image: Image.Image, mask: Image.Image,
+             window: crop.Window, resolution: int) -> _Job:
+        """Cut one window from the image and prepare it; the model sees every hole inside it."""
+        image_key = jax.random.fold_in(key, index)
+        # An image's first window draws the image's noise, so a whole-image window is the
+        # resize path exactly; further windows draw their own.
+        job_key = image_key if number == 0 else jax.random.fold_in(image_key, number)
+        window_image, window_mask = image.crop(window.box), mask.crop(window.box)
+        paste_mask = Image.fromarray(window.region.astype(np.uint8) * np.uint8(255))
+        return _Job(index, number, job_key, window.box, window_image, paste_mask,
+                    prepare(window_image, window_mask, resolution))
 
     @staticmethod
     def _load_pair(image_src: ImageSource, mask_src: ImageSource, resize_mask: bool) -> tuple[Image.Image, Image.Image]:
@@ -161,11 +213,11 @@ class InpaintPipeline:
             mask = mask.resize(image.size, Image.Resampling.NEAREST)
         return image, mask
 
-    def _run(self, chunk, key, guidance_scale, noise_offset, settings) -> np.ndarray:
-        prepared = [item[3] for item in chunk]
+    def _run(self, chunk: list[_Job], guidance_scale, noise_offset, settings) -> np.ndarray:
+        prepared = [job.prepared for job in chunk]
         h, w = prepared[0].latent_mask.shape[:2]
-        # Per-image noise from (seed, index in the call): independent of how images are batched.
-        draws = [SamplerNoise.draw(jax.random.fold_in(key, i), 1, (h, w)) for i, *_ in chunk]
+        # Per-window noise from (seed, index in the call, window): independent of batching.
+        draws = [SamplerNoise.draw(job.key, 1, (h, w)) for job in chunk]
         noise = jax.tree.map(lambda *xs: jnp.concatenate(xs), *draws)
         compile_before = self.sampler.compile_seconds
         start = time.perf_counter()
@@ -179,8 +231,22 @@ class InpaintPipeline:
         compiled = self.sampler.compile_seconds - compile_before
         self.timing.compile_seconds += compiled
         self.timing.run_seconds += time.perf_counter() - start - compiled
-        self.timing.images += len(chunk)
         return decoded
+
+    def _assemble(self, image: Image.Image, pieces: list[tuple[_Job, np.ndarray]],
+                  paste: bool, compensate: bool, reference_size: bool) -> np.ndarray:
+        """The image with each window's result pasted in turn (each over the previous ones, so
+        windows may overlap); with `reference_size` the single whole-image result as it is."""
+        if reference_size:
+            ((job, result),) = pieces
+            return self._finish(result, job.image, job.paste_mask, job.prepared, paste, compensate, True)
+        canvas = np.asarray(image)
+        for job, result in pieces:
+            left, top, right, bottom = job.box
+            base = Image.fromarray(canvas[top:bottom, left:right])
+            piece = self._finish(result, base, job.paste_mask, job.prepared, paste, compensate, False)
+            canvas = crop.paste_window(canvas, piece, job.box)
+        return canvas
 
     @staticmethod
     def _finish(result: np.ndarray, image: Image.Image, mask: Image.Image, prepared: Prepared,
