@@ -1,12 +1,31 @@
 """moebius-jax: the Moebius inpainting model (and its PixelHacker teacher) in JAX/Flax.
 
-Public API:
+Public API (imported lazily, so `import moebius_jax` stays cheap, e.g. in data workers):
     load_model(config, weights=None) -> (model, variables)
     load_teacher(config, weights=None) -> (model, variables)
     load_vae(path) -> (vae, variables)
+    load_elatentlpips(trunk_or_dir, heads=None) -> ELatentLPIPS
+    InpaintPipeline.from_pretrained(weights, vae, config=None, dtype="float32")
 """
 
-from moebius_jax.loading import load_model, load_teacher
-from moebius_jax.vae_loading import load_vae
+import importlib
 
-__all__ = ["load_model", "load_teacher", "load_vae"]
+_EXPORTS = {
+    "load_model": "moebius_jax.loading",
+    "load_teacher": "moebius_jax.loading",
+    "load_vae": "moebius_jax.vae_loading",
+    "load_elatentlpips": "moebius_jax.losses",
+    "InpaintPipeline": "moebius_jax.pipeline.inpaint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'moebius_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -39,9 +39,11 @@ def dummy_inputs(config: ModelConfig, batch: int = 1) -> tuple[jnp.ndarray, jnp.
     )
 
 
-def build_model(config: PathLike | Mapping | ModelConfig, dtype: Any = None) -> tuple[RemovalModel, ModelConfig]:
+def build_model(
+    config: PathLike | Mapping | ModelConfig, dtype: Any = None, remat: bool = False
+) -> tuple[RemovalModel, ModelConfig]:
     cfg = load_config(config)
-    return RemovalModel(cfg.unet, dtype=dtype), cfg
+    return RemovalModel(cfg.unet, dtype=dtype, remat=remat), cfg
 
 
 def init_variables(model: RemovalModel, config: ModelConfig, key: jax.Array) -> dict[str, Any]:
@@ -106,14 +108,16 @@ def load_model(
     dtype: Any = None,
     seed: int = 0,
     batch_stats_from: PathLike | None = None,
+    remat: bool = False,
 ) -> tuple[RemovalModel, dict[str, Any]]:
     """Build a Moebius (or any RemovalModel-config) network and its variables.
 
     `config`: a reference-style YAML path, its parsed dict, or a ModelConfig. `weights`:
     `.bin` / `.safetensors` / EMA `.bin` / a moebius_jax.convert directory, or None for a
-    random initialisation from `seed`. `dtype` is the compute dtype (parameters stay float32).
+    random initialisation from `seed`. `dtype` is the compute dtype (parameters stay float32);
+    `remat` turns on gradient checkpointing for training.
     """
-    model, cfg = build_model(config, dtype)
+    model, cfg = build_model(config, dtype, remat)
     if weights is None:
         return model, init_variables(model, cfg, jax.random.key(seed))
     abstract = abstract_variables(model, cfg)

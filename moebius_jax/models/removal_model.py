@@ -23,6 +23,7 @@ class RemovalModel(nn.Module):
 
     config: UNetConfig
     dtype: Any = None
+    remat: bool = False  # gradient checkpointing of every resnet and transformer
 
     @nn.compact
     def __call__(
@@ -37,4 +38,4 @@ class RemovalModel(nn.Module):
             cfg.num_embeddings, cfg.encoder_hid_dim, embedding_init=nn.initializers.normal(1.0),
             dtype=self.dtype, name="embedding_layer",
         )(input_ids)
-        return UNet(cfg, dtype=self.dtype, name="diff_model")(sample, timesteps, embeddings, train)
+        return UNet(cfg, dtype=self.dtype, remat=self.remat, name="diff_model")(sample, timesteps, embeddings, train)

@@ -39,13 +39,19 @@ class _LevelBlock(nn.Module):
     level: LevelConfig
     table_side: int
     dtype: Any = None
+    remat: bool = False
+
+    def resnet(self, name: str) -> ResnetBlock:
+        cfg = self.config
+        cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
+        return cls(self.level.channels, cfg.conv_kind, cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name=name)
 
     def pair(self, j: int, h: jnp.ndarray, temb: jnp.ndarray, context: jnp.ndarray, train: bool) -> jnp.ndarray:
         cfg = self.config
-        h = ResnetBlock(self.level.channels, cfg.conv_kind, cfg.norm_num_groups, cfg.norm_eps,
-                        dtype=self.dtype, name=f"resnets_{j}")(h, temb, train)
+        h = self.resnet(f"resnets_{j}")(h, temb, train)
         if self.level.attention:
-            h = Transformer2D(
+            transformer = nn.remat(Transformer2D, static_argnums=(3,)) if self.remat else Transformer2D
+            h = transformer(
                 self.level, cfg.num_heads, self.table_side, cfg.context_length, cfg.mix_mlp_ratio,
                 cfg.norm_num_groups, cfg.transformer_norm_eps, cfg.lambda_kernel_size,
                 dtype=self.dtype, name=f"attentions_{j}",
@@ -86,14 +92,16 @@ class MidBlock(_LevelBlock):
     @nn.compact
     def __call__(self, h, temb, context, train: bool = False):
         h = self.pair(0, h, temb, context, train)
-        cfg = self.config
-        return ResnetBlock(self.level.channels, cfg.conv_kind, cfg.norm_num_groups, cfg.norm_eps,
-                           dtype=self.dtype, name="resnets_1")(h, temb, train)
+        return self.resnet("resnets_1")(h, temb, train)
 
 
 class UNet(nn.Module):
+    """`remat` recomputes each resnet and transformer in the backward pass (gradient
+    checkpointing): activation memory for compute, outputs unchanged."""
+
     config: UNetConfig
     dtype: Any = None
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -119,14 +127,14 @@ class UNet(nn.Module):
         for i, level in enumerate(cfg.levels):
             h, level_skips = DownBlock(
                 cfg, level, cfg.native_side(i), add_downsample=i < num_levels - 1,
-                dtype=self.dtype, name=f"down_blocks_{i}",
+                dtype=self.dtype, remat=self.remat, name=f"down_blocks_{i}",
             )(h, temb, context, train)
             skips += level_skips
             block_outputs.append(h)
 
         if cfg.mid_level is not None:
             h = MidBlock(cfg, cfg.mid_level, cfg.native_side(num_levels - 1), dtype=self.dtype,
-                         name="mid_block")(h, temb, context, train)
+                         remat=self.remat, name="mid_block")(h, temb, context, train)
             block_outputs.append(h)
 
         per_up = cfg.layers_per_block + 1
@@ -134,7 +142,7 @@ class UNet(nn.Module):
             level_skips, skips = skips[-per_up:], skips[:-per_up]
             h = UpBlock(
                 cfg, cfg.levels[level_index], cfg.native_side(level_index),
-                add_upsample=level_index > 0, dtype=self.dtype, name=f"up_blocks_{i}",
+                add_upsample=level_index > 0, dtype=self.dtype, remat=self.remat, name=f"up_blocks_{i}",
             )(h, level_skips, temb, context, train)
             block_outputs.append(h)
 

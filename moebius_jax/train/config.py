@@ -1,0 +1,183 @@
+"""Training config: typed, nested dataclasses read from YAML, overridable with `key=value`.
+
+Defaults are the reference's demo recipe (config/train_demo.sh): Muon at 1e-4, batch 2 per
+process, logit-normal timesteps, noise offset 0.0357, bf16, task weight 0.5 and, with a
+teacher, KD weight 0.01 and feature weight 1.0 on student block 2 / teacher block 5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from moebius_jax.train.optimizer import OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    jsonl: str | None = None  # the reference's jsonl (image paths relative to its folder)
+    folder: str | None = None  # a plain image folder
+    mask_folder: str | None = None
+    tfds_name: str | None = None
+    tfds_split: str = "train"
+    tfds_data_dir: str | None = None
+    image_size: int = 512
+    mask_config: str = "random_medium_512"
+    use_extra_fg_mask: bool = False
+    batch_size: int = 2  # global batch: split over the mesh's data and fsdp axes
+    num_workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    config: str | None = None  # PixelHacker YAML; None trains on the task loss only
+    weights: str | None = None
+    dtype: str = "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class ELatentLPIPSConfig:
+    weight: float = 0.0  # 0 disables the term; the reference demo uses 0.5
+    trunk: str | None = None  # the package's latent-VGG trunk file
+    heads: str | None = None  # its tuned linear heads
+    # The reference feeds latents already scaled by the VAE factor and asks the metric to
+    # scale again (normalize=True), i.e. x0 * 0.13025^2. Reproduced by default.
+    double_scaling: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    task_weight: float = 0.5
+    kd_weight: float = 0.01  # multiplies both the feature and the output KD terms
+    feat_weight: float = 1.0
+    feat_index_student: int = 2
+    feat_index_teacher: int = 5
+    adaptive: bool = True  # gradient-norm adaptive weights (cal_adaptive_weights_type8)
+    elatentlpips: ELatentLPIPSConfig = ELatentLPIPSConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by fsdp
+    fsdp: int = 1
+    num_devices: int = -1  # -1: every device; else the first N (e.g. 1 to compare against a mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str = "configs/moebius.yaml"
+    init_weights: str | None = None  # None: the reference's random initialisation
+    vae: str = "weight/vae"
+    teacher: TeacherConfig = TeacherConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossConfig = LossConfig()
+    mesh: MeshConfig = MeshConfig()
+    seed: int = 42
+    dtype: str = "bfloat16"  # compute dtype of student, VAE and teacher; master weights float32
+    remat: bool = False
+    timestep_sampling: str = "lognorm"  # or "uniform"
+    noise_offset: float = 0.0357
+    ema_decay: float | None = None  # e.g. 0.9999 enables the EMA
+    max_steps: int = 200_000
+    log_every: int = 10
+    save_every: int = 3000
+    keep_checkpoints: int = 3
+    sample_every: int = 1000
+    sample_steps: int = 20
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check/convert a YAML or command-line value against a dataclass field's type."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            if type(None) in typing.get_args(hint):
+                return None
+            raise ValueError(f"{where}: may not be null")
+        return _coerce(value, options[0], where)
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"{where}: {value!r} not in {typing.get_args(hint)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, typing.get_args(hint)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        if hint is int and float(value) != int(value):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
+    hints = _field_types(cls)
+    unknown = set(raw) - set(hints)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(hints)}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()})
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`a.b=value` pairs (value parsed as YAML) into a nested dict of settings."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def load_train_config(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """YAML file (optional) + overrides -> TrainConfig; errors name the offending key."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a YAML mapping")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return _build(TrainConfig, raw, "")
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path or 'train config'}: {e}") from e
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,59 @@
+"""Export a training checkpoint to the reference's formats, so the PyTorch code loads it.
+
+    python -m moebius_jax.train.export --workdir runs/demo --out exported/   [--step N]
+
+writes `diffusion_pytorch_model.safetensors` (parameters and BatchNorm statistics under
+the reference's names and layouts) and, when the run kept an EMA,
+`diffusion_pytorch_model.EMA.bin` in the reference's LitEma layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from typing import Any
+
+import numpy as np
+
+from moebius_jax.convert.state_dict import write_ema_file, write_safetensors
+from moebius_jax.loading import export_state_dict
+from moebius_jax.train.checkpointing import Checkpoints
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+EMA_NAME = "diffusion_pytorch_model.EMA.bin"
+
+
+def export_state(state: Any, out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+    """A (host) train-state tree -> reference files in out_dir; returns the paths written."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / WEIGHTS_NAME]
+    write_safetensors(written[0], export_state_dict({"params": state["params"], "batch_stats": state["batch_stats"]}))
+    ema = state.get("ema")
+    if ema:
+        shadow = export_state_dict({"params": ema["shadow"]})
+        written.append(out_dir / EMA_NAME)
+        write_ema_file(written[1], shadow, float(np.asarray(ema["decay"])), int(np.asarray(ema["num_updates"])))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    args = parser.parse_args(argv)
+    checkpoints = Checkpoints(pathlib.Path(args.workdir) / "checkpoints")
+    try:
+        state = checkpoints.restore_params(args.step)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in export_state(state, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

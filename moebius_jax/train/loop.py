@@ -1,0 +1,204 @@
+"""The training loop: build everything from a TrainConfig, then step, log, sample and save.
+
+One batch's path: grain loader (host, per-process shard) -> global jax.Array sharded over
+the mesh's (data, fsdp) axes -> `make_train_step` (VAE encode, noise, teacher, student,
+losses, Muon, EMA) compiled ahead of time with donated state -> metrics.jsonl / TensorBoard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from moebius_jax.data.loader import make_train_iterator
+from moebius_jax.data.sources import folder_source, jsonl_source, tfds_source
+from moebius_jax.loading import load_model, load_teacher
+from moebius_jax.pipeline.sampler import Sampler, SamplerNoise, SamplerSettings
+from moebius_jax.train.checkpointing import Checkpoints, abstract_like
+from moebius_jax.train.config import TrainConfig, config_to_dict
+from moebius_jax.train.mesh import batch_sharding, make_mesh, replicated, state_shardings
+from moebius_jax.train.metrics_log import MetricsWriter, save_sample_grid
+from moebius_jax.train.optimizer import make_optimizer, make_schedule
+from moebius_jax.train.state import TrainState
+from moebius_jax.train.step import Frozen, make_train_step
+from moebius_jax.vae_loading import load_vae
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a run needs, built once; `run()` trains until max_steps or SIGTERM."""
+
+    config: TrainConfig
+    workdir: pathlib.Path
+    mesh: jax.sharding.Mesh
+    state: TrainState
+    frozen: Frozen
+    step_fn: Any  # the compiled step
+    sampler: Sampler
+    compile_seconds: float
+
+    @classmethod
+    def build(cls, config: TrainConfig, workdir: str | pathlib.Path) -> Trainer:
+        workdir = pathlib.Path(workdir)
+        dtype = DTYPES[config.dtype]
+        devices = jax.devices() if config.mesh.num_devices < 0 else jax.devices()[:config.mesh.num_devices]
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+        student, variables = load_model(config.model, config.init_weights, dtype=dtype, seed=config.seed,
+                                        remat=config.remat)
+        vae, vae_variables = load_vae(config.vae, dtype=dtype)
+        teacher = teacher_variables = None
+        if config.teacher.config is not None:
+            teacher, teacher_variables = load_teacher(config.teacher.config, config.teacher.weights,
+                                                      dtype=DTYPES[config.teacher.dtype])
+        extra_loss, extra_variables = _extra_loss(config)
+        tx = make_optimizer(config.optimizer, variables["params"])
+        step = make_train_step(student, vae, tx, config, teacher, extra_loss)
+
+        state = TrainState.create(variables, tx, jax.random.key(config.seed), config.ema_decay)
+        state_sharding = state_shardings(abstract_like(state), mesh)
+        state = jax.device_put(state, state_sharding)
+        frozen = jax.device_put(Frozen(vae_variables, teacher_variables, extra_variables), replicated(mesh))
+        batch_spec = _batch_spec(config)
+        batch_shardings = {k: batch_sharding(mesh) for k in batch_spec}
+        start = time.perf_counter()
+        compiled = jax.jit(
+            step,
+            in_shardings=(state_sharding, replicated(mesh), batch_shardings),
+            out_shardings=(state_sharding, replicated(mesh)),
+            donate_argnums=(0,),
+        ).lower(abstract_like(state), frozen, batch_spec).compile()
+        compile_seconds = time.perf_counter() - start
+        log.info("train step compiled in %.1f s", compile_seconds)
+        return cls(config, workdir, mesh, state, frozen, compiled, Sampler(student, vae), compile_seconds)
+
+    def run(self, resume: bool = False, max_steps: int | None = None) -> TrainState:
+        cfg = self.config
+        max_steps = cfg.max_steps if max_steps is None else max_steps
+        lead = jax.process_index() == 0
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if lead:
+            (self.workdir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        checkpoints = Checkpoints(self.workdir / "checkpoints", cfg.keep_checkpoints, cfg.save_every)
+        writer = MetricsWriter(self.workdir, enabled=lead)
+        data = self._data_iterator()
+        if resume and checkpoints.latest_step() is not None:
+            restored_step = checkpoints.latest_step()
+            self.state, data_state = checkpoints.restore(restored_step, abstract_like(self.state))
+            data.set_state(data_state)
+            writer.truncate_after(restored_step)
+            log.info("resumed from step %d", restored_step)
+        schedule = make_schedule(cfg.optimizer)
+
+        stop = {"now": False}
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))  # preemption: save, exit
+        step = saved = int(self.state.step)
+        sample_batch = None
+        progress = tqdm(total=max_steps, initial=step, unit="step", disable=not lead, desc="training")
+        tick, tick_step = time.perf_counter(), step
+        try:
+            while step < max_steps and not stop["now"]:
+                host_batch = next(data)
+                if sample_batch is None:
+                    sample_batch = host_batch
+                self.state, metrics = self.step_fn(self.state, self.frozen, self._to_global(host_batch))
+                step += 1
+                if step % cfg.log_every == 0 or step == max_steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    rate = (step - tick_step) / max(now - tick, 1e-9)
+                    tick, tick_step = now, step
+                    metrics.update(lr=float(schedule(step - 1)), steps_per_second=rate,
+                                   images_per_second=rate * cfg.data.batch_size)
+                    writer.write(step, metrics)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                         it_s=f"{rate:.2f}", img_s=f"{rate * cfg.data.batch_size:.1f}")
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    self._write_samples(step, sample_batch, lead)
+                if checkpoints.save(step, self.state, data.get_state()):
+                    saved = step
+                progress.update(1)
+            if saved != step:
+                checkpoints.save(step, self.state, data.get_state(), force=True)
+        finally:
+            progress.close()
+            checkpoints.close()
+            writer.close()
+            data.close()
+            signal.signal(signal.SIGTERM, previous)
+        if stop["now"]:
+            log.info("SIGTERM: saved step %d and stopped", step)
+        return self.state
+
+    def _data_iterator(self):
+        cfg = self.config.data
+        if sum(x is not None for x in (cfg.jsonl, cfg.folder, cfg.tfds_name)) != 1:
+            raise ValueError("set exactly one of data.jsonl, data.folder, data.tfds_name")
+        if cfg.jsonl is not None:
+            source = jsonl_source(cfg.jsonl)
+        elif cfg.folder is not None:
+            source = folder_source(cfg.folder, cfg.mask_folder)
+        else:
+            source = tfds_source(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
+        if cfg.batch_size % jax.process_count():
+            raise ValueError(f"batch size {cfg.batch_size} is not divisible by {jax.process_count()} processes")
+        return make_train_iterator(
+            source, batch_size=cfg.batch_size // jax.process_count(), image_size=cfg.image_size,
+            mask_config=cfg.mask_config, seed=self.config.seed, num_workers=cfg.num_workers,
+            use_extra_fg_mask=cfg.use_extra_fg_mask)
+
+    def _to_global(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's slice of the batch -> global arrays sharded over (data, fsdp)."""
+        sharding = batch_sharding(self.mesh)
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}
+
+    def _write_samples(self, step: int, batch: dict[str, np.ndarray], lead: bool) -> None:
+        """Inpaint the first training batch with the current (EMA if any) weights: a PNG grid."""
+        images = batch["image"][:4]
+        masked = batch["masked_image"][:4]
+        factor = self.sampler.vae.config.downsample_factor
+        mask = batch["mask"][:4, ::factor, ::factor, :]
+        noise = SamplerNoise.draw(jax.random.key(0), len(images), mask.shape[1:3])
+        variables = self.state.variables(use_ema=self.state.ema is not None)
+        out = self.sampler(variables, self.frozen.vae, images, masked, mask, noise,
+                           settings=SamplerSettings(num_steps=self.config.sample_steps))
+        if lead:
+            save_sample_grid(self.workdir / "samples" / f"step_{step:08d}.png",
+                             (masked + 1) / 2, np.asarray(out.decoded), (images + 1) / 2)
+
+
+def _batch_spec(config: TrainConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    b, s = config.data.batch_size, config.data.image_size
+    return {
+        "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
+        "masked_image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
+        "mask": jax.ShapeDtypeStruct((b, s, s, 1), jnp.float32),
+        "input_ids": jax.ShapeDtypeStruct((b, 10), jnp.int32),
+    }
+
+
+def _extra_loss(config: TrainConfig):
+    """The E-LatentLPIPS term, if its weight is non-zero: (loss function, its network)."""
+    el = config.loss.elatentlpips
+    if el.weight == 0:
+        return None, None
+    from moebius_jax.losses import elatentlpips_distance, load_elatentlpips
+
+    metric = load_elatentlpips(el.trunk, el.heads)
+
+    def loss(metric, x0_pred, x0_target, key):
+        return jnp.mean(elatentlpips_distance(metric, x0_pred, x0_target, key=key, normalize=el.double_scaling))
+
+    return loss, metric

@@ -1,0 +1,141 @@
+"""The trainer: learning, mesh independence, exact resume, export, the CLI contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import fixture_path
+
+import moebius_jax
+from moebius_jax.convert.state_dict import read_state_dict, read_ema_file
+from moebius_jax.train.config import load_train_config
+from moebius_jax.train.export import export_state
+from moebius_jax.train.loop import Trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Small and quick: the tiny student at 64 px (8x8 latents), float32, task loss only.
+FAST = [
+    "data.image_size=64", "data.mask_config=random_medium_256", "data.batch_size=2", "data.num_workers=0",
+    "log_every=1", "sample_every=0", "dtype=float32",
+]
+
+
+def _config(*overrides):
+    return load_train_config(ROOT / "configs" / "train_demo.yaml", [*FAST, *overrides])
+
+
+def _losses(workdir: pathlib.Path) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def test_overfitting_one_batch_halves_the_task_loss():
+    trainer = Trainer.build(_config("optimizer.learning_rate=3e-3", "optimizer.warmup_steps=10",
+                                    "optimizer.total_steps=200"), "/nonexistent")
+    batch = trainer._to_global(next(trainer._data_iterator()))
+    state, losses = trainer.state, []
+    for _ in range(200):
+        state, metrics = trainer.step_fn(state, trainer.frozen, batch)
+        losses.append(float(metrics["loss_task"]))
+    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    assert last <= 0.5 * first, (first, last)
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    config = _config("save_every=3")
+    Trainer.build(config, tmp_path / "straight").run(max_steps=6)
+    Trainer.build(config, tmp_path / "split").run(max_steps=3)
+    # A checkpoint torn mid-write must be ignored: orbax only renames complete ones.
+    torn = tmp_path / "split" / "checkpoints" / "5.orbax-checkpoint-tmp-1234"
+    torn.mkdir()
+    (torn / "junk").write_text("half written")
+    Trainer.build(config, tmp_path / "split").run(resume=True, max_steps=6)
+    straight, split = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+    assert sorted(split) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert split[step] == straight[step], step
+
+
+def test_same_losses_and_parameters_on_an_8_device_mesh():
+    """Data 4 x fsdp 2 vs one device, and a distillation step on the mesh. In a subprocess:
+    the host device count must be set before JAX starts."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "mesh_equivalence.py")], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    np.testing.assert_allclose(result["mesh_losses"], result["single_losses"], rtol=1e-5, atol=1e-6)
+    assert result["max_param_diff"] <= 1e-5
+    assert np.all(np.isfinite(result["distill_losses"]))
+
+
+def test_four_term_distillation_logs_every_weight(tmp_path):
+    """Task + output KD + feature KD + E-LatentLPIPS (random weights by the fixture rule)."""
+    from elatentlpips_weights import full_width_entries, regenerate, write_tuned_file
+
+    tuned = write_tuned_file(tmp_path / "sdxl_latest_vgg16_tuned.pth", regenerate(full_width_entries()))
+    config = load_train_config(ROOT / "configs" / "distill_demo.yaml",
+                               [*FAST, "loss.elatentlpips.weight=0.5", f"loss.elatentlpips.heads={tuned}"])
+    Trainer.build(config, tmp_path / "run").run(max_steps=2)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for name in ("loss", "loss_task", "loss_outkd", "loss_featkd", "loss_extra", "weight_feat_task",
+                 "weight_out_outkd", "weight_out_extra", "gnorm_feature_task", "gnorm_output_extra"):
+        assert all(np.isfinite(r[name]) for r in records), name
+    r = records[-1]
+    expected = 0.01 * r["loss_featkd"] + r["weight_feat_task"] * (
+        0.5 * r["loss_task"] + 0.01 * r["weight_out_outkd"] * r["loss_outkd"]
+        + 0.5 * r["weight_out_extra"] * r["loss_extra"])
+    np.testing.assert_allclose(r["loss"], expected, rtol=1e-5)
+
+
+def test_export_reproduces_the_reference_files(tmp_path):
+    weights = fixture_path("moebius_tiny", "diffusion_pytorch_model.bin")
+    _, variables = moebius_jax.load_model(fixture_path("moebius_tiny", "config.yaml"), weights)
+    ema = {"shadow": variables["params"], "decay": np.float32(0.9999), "num_updates": np.int32(0)}
+    written = export_state({**jax.device_get(variables), "ema": jax.device_get(ema)}, tmp_path)
+    exported, original = read_state_dict(written[0]), read_state_dict(weights)
+    assert list(exported) == list(original) or set(exported) == set(original)
+    for key, value in original.items():
+        assert exported[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    ema_file = read_ema_file(written[1])
+    assert ema_file.decay == float(np.float32(0.9999)) and ema_file.num_updates == 0
+    for key, value in ema_file.params.items():
+        np.testing.assert_array_equal(value, original[key])
+
+
+def test_train_py_cli_with_a_jsonl_dataset(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    demo = ROOT / "data" / "demo"
+    photos = sorted(demo.glob("*.jpg"))[:3]
+    lines = [json.dumps({"image": str(p), "prompt": "background"}) for p in photos]
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--config", "configs/train_demo.yaml", "--workdir", str(workdir),
+           "--max-steps", "2", "--data-jsonl", str(data / "train.jsonl"), *FAST, "save_every=2"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+    assert (workdir / "checkpoints" / "2").is_dir() and (workdir / "config.yaml").exists()
+    assert any((workdir / "tensorboard").iterdir())
+    export = subprocess.run([sys.executable, "-m", "moebius_jax.train.export", "--workdir", str(workdir),
+                             "--out", str(tmp_path / "exported")], cwd=ROOT, capture_output=True, text=True)
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert (tmp_path / "exported" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_bad_overrides_are_named():
+    with pytest.raises(ValueError, match="optimizer.learning_rate"):
+        _config("optimizer.learning_rate=fast")
+    with pytest.raises(ValueError, match="unknown key"):
+        _config("data.colour=blue")
