@@ -4,6 +4,18 @@ The reference describes a network with a `data` / `vae` / `model` YAML (see
 `configs/moebius.yaml`). We turn that into one generic UNet description: a list of levels,
 each saying its width and which token mixers its transformer blocks use. The Moebius student
 and the PixelHacker teacher are two points of that space (`model_type` picks the defaults).
+
+Variants are data: besides the reference's keys, the `model:` section may hold
+
+    layers_per_block: 2                 # resnets per down block (up blocks get one more)
+    levels:                             # per-level overrides, a list (one entry per level)
+      - {}                              # or a mapping {level index: overrides}
+      - {self_mixer: attention}
+      - {channels: 1024, feed_forward: geglu, ff_mult: 3, transformer_depth: 2}
+    mid_level: {self_mixer: linear_attention}   # teacher only (it has a mid block)
+
+Override fields are LevelConfig's: channels, attention, self_mixer, cross_mixer,
+feed_forward, ff_mult, transformer_depth. A file without them reads exactly as before.
 """
 
 from __future__ import annotations
@@ -11,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -22,7 +34,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 STUDENT_MODEL_TYPE = "UNet2DLambdaDWConvMixFFNConditionModel_prune_down_mid_up_block_8x8"
 TEACHER_MODEL_TYPE = "UNet2DGLAConditionModel"
 
-SELF_MIXERS = ("local_lambda", "gla", "none")
+SELF_MIXERS = ("local_lambda", "global_lambda", "attention", "linear_attention", "gla", "none")
 CROSS_MIXERS = ("cross_lambda", "attention", "none")
 FEED_FORWARDS = ("mix_ffn", "geglu")
 CONV_KINDS = ("dwsep", "dense")
@@ -38,6 +50,7 @@ class LevelConfig:
     cross_mixer: str = "cross_lambda"
     feed_forward: str = "mix_ffn"
     transformer_depth: int = 1
+    ff_mult: float | None = None  # FFN hidden = int(ff_mult * channels); None: 2.5 (Mix-FFN) / 4 (GEGLU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,29 +96,55 @@ class UNetConfig:
         return self.sample_size // (2**level)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first impossible combination."""
+        """Raise ValueError naming the first impossible combination (level and field)."""
         if not self.levels:
             raise ValueError("UNet config needs at least one level")
+        if self.layers_per_block < 1:
+            raise ValueError(f"layers_per_block {self.layers_per_block}: need at least one resnet per block")
         for i, level in enumerate(self.levels):
-            where = f"level {i} (channels {level.channels})"
-            if level.self_mixer not in SELF_MIXERS:
-                raise ValueError(f"{where}: self_mixer {level.self_mixer!r} not in {SELF_MIXERS}")
-            if level.cross_mixer not in CROSS_MIXERS:
-                raise ValueError(f"{where}: cross_mixer {level.cross_mixer!r} not in {CROSS_MIXERS}")
-            if level.feed_forward not in FEED_FORWARDS:
-                raise ValueError(f"{where}: feed_forward {level.feed_forward!r} not in {FEED_FORWARDS}")
-            if level.channels % self.norm_num_groups:
+            _validate_level(self, level, f"level {i}")
+        if self.mid_level is not None:
+            _validate_level(self, self.mid_level, "mid_level")
+            if self.mid_level.channels != self.levels[-1].channels:
                 raise ValueError(
-                    f"{where}: channels not divisible by norm_num_groups {self.norm_num_groups}"
+                    f"mid_level channels={self.mid_level.channels}: must equal the last level's "
+                    f"{self.levels[-1].channels}"
                 )
-            if level.channels % self.num_heads:
-                raise ValueError(f"{where}: channels not divisible by num_heads {self.num_heads}")
         if self.conv_kind not in CONV_KINDS:
             raise ValueError(f"conv_kind {self.conv_kind!r} not in {CONV_KINDS}")
         if self.sample_size % (2 ** (len(self.levels) - 1)):
             raise ValueError(
                 f"sample_size {self.sample_size} is not divisible by 2^{len(self.levels) - 1}"
             )
+
+
+def _validate_level(unet: UNetConfig, level: LevelConfig, where: str) -> None:
+    """Check one level's choices against each other and the network-wide settings."""
+    c = level.channels
+    if c < 1:
+        raise ValueError(f"{where} channels={c}: must be positive")
+    if c % unet.norm_num_groups:
+        raise ValueError(f"{where} channels={c}: not divisible by norm_num_groups {unet.norm_num_groups}")
+    for field, value, allowed in (
+        ("self_mixer", level.self_mixer, SELF_MIXERS),
+        ("cross_mixer", level.cross_mixer, CROSS_MIXERS),
+        ("feed_forward", level.feed_forward, FEED_FORWARDS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{where} {field}={value!r}: not one of {allowed}")
+    if not level.attention:
+        return  # a resnet-only level: its mixer fields are never used
+    if c % unet.num_heads:
+        raise ValueError(f"{where} channels={c}: not divisible by num_heads {unet.num_heads}")
+    if level.self_mixer == "gla" and (c // 2) % unet.num_heads:
+        # GLA's keys are half as wide as the tokens (expand_k 0.5) and split into the same heads.
+        raise ValueError(
+            f"{where} self_mixer='gla': key width channels/2={c // 2} not divisible by num_heads {unet.num_heads}"
+        )
+    if level.transformer_depth < 1:
+        raise ValueError(f"{where} transformer_depth={level.transformer_depth}: need at least one block")
+    if level.ff_mult is not None and int(level.ff_mult * c) < 1:
+        raise ValueError(f"{where} ff_mult={level.ff_mult}: the feed-forward needs a positive hidden width")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +187,9 @@ _IGNORED_MODEL_KEYS = {
     "attention_head_dim",
     "block_out_channels",
     "mix_mlp_ratio",
-    "levels",
 }
+# Our extension of the schema (variants): read by `override_levels`, absent from reference files.
+_VARIANT_KEYS = {"levels", "mid_level"}
 
 _STUDENT_BLOCKS = ("DWMixTFDownBlock2D", "DWMixTFUpBlock2D")
 _TEACHER_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -163,9 +203,8 @@ def _student_unet(model: Mapping[str, Any], sample_size: int, num_embeddings: in
             raise ValueError(f"student block type {kind!r} is not supported (expected {_STUDENT_BLOCKS})")
     if model.get("mid_block_type") is not None:
         raise ValueError("the Moebius student has no mid block; mid_block_type must be null")
-    if model.get("use_local_self_attn", True) is not True:
-        raise ValueError("use_local_self_attn: False (global lambda) is not supported yet")
-    self_mixer = "local_lambda"
+    # use_local_self_attn: False is the reference's global-lambda self layer (model.md 11.10).
+    self_mixer = "local_lambda" if model.get("use_local_self_attn", True) else "global_lambda"
     cross_mixer = "cross_lambda" if model.get("use_lambda_cross_attn", True) else "attention"
     levels = tuple(
         LevelConfig(c, True, self_mixer, cross_mixer, "mix_ffn") for c in channels
@@ -221,12 +260,86 @@ def _common_unet_fields(model: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("layers_per_block", "norm_num_groups", "norm_eps"):
         if key in model:
             fields[key] = model[key]
-    unknown = set(model) - _IGNORED_MODEL_KEYS - set(fields) - {"attention_head_dim"}
+    unknown = set(model) - _IGNORED_MODEL_KEYS - _VARIANT_KEYS - set(fields)
     if unknown:
         raise ValueError(f"unknown model config key(s): {sorted(unknown)}")
     if model.get("encoder_hid_dim_type", "text_proj") != "text_proj":
         raise ValueError("only encoder_hid_dim_type: text_proj is supported")
     return fields
+
+
+# Fields a `levels:` / `mid_level:` override may set, with the YAML types they accept.
+_OVERRIDE_TYPES: dict[str, tuple[type, ...]] = {
+    "channels": (int,),
+    "attention": (bool,),
+    "self_mixer": (str,),
+    "cross_mixer": (str,),
+    "feed_forward": (str,),
+    "ff_mult": (int, float),
+    "transformer_depth": (int,),
+}
+# The fields that only mean something inside a transformer (a level with attention: true).
+_TRANSFORMER_FIELDS = {"self_mixer", "cross_mixer", "feed_forward", "ff_mult", "transformer_depth"}
+
+
+def _override_level(
+    level: LevelConfig, changes: Mapping[str, Any], where: str, fixed: tuple[str, ...] = ()
+) -> LevelConfig:
+    """`level` with `changes` applied; unknown fields and wrong types are errors naming `where`."""
+    if not isinstance(changes, Mapping):
+        raise ValueError(f"{where}: expected a mapping of overrides, got {changes!r}")
+    for field, value in changes.items():
+        if field not in _OVERRIDE_TYPES or field in fixed:
+            allowed = sorted(set(_OVERRIDE_TYPES) - set(fixed))
+            raise ValueError(f"{where} {field}: not an override field (expected one of {allowed})")
+        types = _OVERRIDE_TYPES[field]
+        # YAML booleans are ints to Python; only `attention` may be one.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ValueError(f"{where} {field}={value!r}: expected {' or '.join(t.__name__ for t in types)}")
+    return dataclasses.replace(level, **changes)
+
+
+def override_levels(
+    unet: UNetConfig,
+    levels: Sequence[Mapping[str, Any]] | Mapping[int, Mapping[str, Any]] | None = None,
+    mid_level: Mapping[str, Any] | None = None,
+) -> UNetConfig:
+    """A variant of `unet`: per-level overrides (a full list, or {level index: overrides}) and
+    mid-block overrides, validated. The YAML `levels:` / `mid_level:` keys go through here."""
+    new_levels = list(unet.levels)
+    if levels is not None:
+        if isinstance(levels, Mapping):
+            items = list(levels.items())
+        elif isinstance(levels, Sequence) and not isinstance(levels, str):
+            if len(levels) != len(unet.levels):
+                raise ValueError(
+                    f"levels: {len(levels)} entries for {len(unet.levels)} levels "
+                    "(give one mapping per level, or a mapping {level index: overrides})"
+                )
+            items = list(enumerate(levels))
+        else:
+            raise ValueError(f"levels: expected a list or a mapping, got {levels!r}")
+        for index, changes in items:
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(unet.levels):
+                raise ValueError(f"levels: no level {index!r} (the network has levels 0..{len(unet.levels) - 1})")
+            level = _override_level(new_levels[index], changes, f"level {index}")
+            inner = sorted(set(changes) & _TRANSFORMER_FIELDS)
+            if inner and not level.attention:
+                raise ValueError(
+                    f"level {index} {inner[0]}: this level has no transformer (attention: false); "
+                    "set attention: true to give it one"
+                )
+            new_levels[index] = level
+    mid = unet.mid_level
+    if mid is not None:
+        mid = dataclasses.replace(mid, channels=new_levels[-1].channels)  # the mid block runs at the last width
+    if mid_level is not None:
+        if mid is None:
+            raise ValueError("mid_level: this network has no mid block to override")
+        mid = _override_level(mid, mid_level, "mid_level", fixed=("channels", "attention"))
+    variant = dataclasses.replace(unet, levels=tuple(new_levels), mid_level=mid)
+    variant.validate()
+    return variant
 
 
 def config_from_dict(raw: Mapping[str, Any], num_embeddings: int = 20) -> ModelConfig:
@@ -249,7 +362,7 @@ def config_from_dict(raw: Mapping[str, Any], num_embeddings: int = 20) -> ModelC
         raise ValueError(
             f"unknown model_type {model_type!r}; expected {STUDENT_MODEL_TYPE} or {TEACHER_MODEL_TYPE}"
         )
-    unet.validate()
+    unet = override_levels(unet, model.get("levels"), model.get("mid_level"))
     return ModelConfig(model_type=model_type, image_size=image_size, vae=vae, unet=unet)
 
 

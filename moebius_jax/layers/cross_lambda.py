@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from moebius_jax.layers.batch_norm import BatchNorm
 from moebius_jax.layers.linear import conv2d, dense
+from moebius_jax.layers.self_lambda import content_lambda
 
 
 def resample_position_table(table: jnp.ndarray, side: int, hw: tuple[int, int]) -> jnp.ndarray:
@@ -68,9 +69,7 @@ class CrossLambda(nn.Module):
         v = dense(dv, use_bias=False, dtype=self.dtype, name="to_v")(context)
         v = BatchNorm(dtype=self.dtype, name="norm_v")(v, train)  # BatchNorm1d over (batch, tokens)
 
-        keys = jax.nn.softmax(keys.astype(jnp.float32), axis=1).astype(v.dtype)
-        content = jnp.einsum("blk,blv->bkv", keys, v)
-        y = jnp.einsum("bnhk,bkv->bnhv", q, content)
+        y = content_lambda(q, keys, v)
 
         table = self.param(
             "rel_pos_emb",

@@ -12,14 +12,15 @@ from moebius_jax.layers.linear import dense
 
 
 class GEGLUFeedForward(nn.Module):
-    """Linear C -> 2*(mult*C), value * GELU(gate) (exact erf GELU), Linear mult*C -> C."""
+    """Linear C -> 2*H, value * GELU(gate) (exact erf GELU), Linear H -> C; H = int(mult*C)."""
 
-    mult: int = 4
+    mult: float = 4
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, hw: tuple[int, int] | None = None, train: bool = False) -> jnp.ndarray:
         del hw, train
         c = x.shape[-1]
-        value, gate = jnp.split(dense(2 * self.mult * c, dtype=self.dtype, name="proj_in")(x), 2, axis=-1)
+        hidden = int(self.mult * c)
+        value, gate = jnp.split(dense(2 * hidden, dtype=self.dtype, name="proj_in")(x), 2, axis=-1)
         return dense(c, dtype=self.dtype, name="proj_out")(value * jax.nn.gelu(gate, approximate=False))

@@ -1,12 +1,14 @@
 """Transformer block with token mixers chosen by config, and its 2-D wrapper.
 
-One block serves both networks: the Moebius student (Local-lambda self, Interactive-lambda
-cross, Mix-FFN) and the PixelHacker teacher (Gated Linear Attention self, softmax cross,
-GEGLU). Every mixer is called with the map size (H, W) so none has to guess it.
+One block serves every network of the UNet family: the Moebius student (Local-lambda self,
+Interactive-lambda cross, Mix-FFN), the PixelHacker teacher (Gated Linear Attention self,
+softmax cross, GEGLU) and any per-level mix of the choices in the tables below. Every mixer
+is called with the map size (H, W) so none has to guess it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -18,9 +20,40 @@ from moebius_jax.layers.cross_lambda import CrossLambda
 from moebius_jax.layers.geglu import GEGLUFeedForward
 from moebius_jax.layers.gla import GatedLinearAttention
 from moebius_jax.layers.linear import conv2d
-from moebius_jax.layers.local_lambda import LocalLambda
+from moebius_jax.layers.linear_attention import LinearAttention
 from moebius_jax.layers.mix_ffn import MixFFN
 from moebius_jax.layers.norms import group_norm, layer_norm
+from moebius_jax.layers.residual import add_residual
+from moebius_jax.layers.self_lambda import SelfLambda
+
+# Config name -> constructor of the module, given the block it sits in. The modules are named
+# as in the reference's state dict: `attn1` (self), `attn2` (cross), `ff`. "none" is absent:
+# the block skips that sub-layer (and its LayerNorm) altogether.
+Factory = Callable[["TransformerBlock"], nn.Module]
+
+SELF_MIXER_FACTORIES: dict[str, Factory] = {
+    "local_lambda": lambda blk: SelfLambda(blk.num_heads, "local", kernel_size=blk.lambda_kernel_size,
+                                           dtype=blk.dtype, name="attn1"),
+    "global_lambda": lambda blk: SelfLambda(blk.num_heads, "global", table_side=blk.table_side,
+                                            dtype=blk.dtype, name="attn1"),
+    "attention": lambda blk: Attention(blk.num_heads, dtype=blk.dtype, name="attn1"),
+    "linear_attention": lambda blk: LinearAttention(blk.num_heads, dtype=blk.dtype, name="attn1"),
+    "gla": lambda blk: GatedLinearAttention(num_heads=blk.num_heads, dtype=blk.dtype, name="attn1"),
+}
+CROSS_MIXER_FACTORIES: dict[str, Factory] = {
+    "cross_lambda": lambda blk: CrossLambda(
+        blk.num_heads, blk.table_side, blk.context_length, dtype=blk.dtype, name="attn2"
+    ),
+    "attention": lambda blk: Attention(blk.num_heads, dtype=blk.dtype, name="attn2"),
+}
+# Hidden widths: Mix-FFN int(ratio * C) with the network's mix_mlp_ratio (2.5), GEGLU 4 * C,
+# unless the level sets ff_mult.
+FEED_FORWARD_FACTORIES: dict[str, Factory] = {
+    "mix_ffn": lambda blk: MixFFN(
+        int(blk.level.channels * (blk.level.ff_mult or blk.mlp_ratio)), dtype=blk.dtype, name="ff"
+    ),
+    "geglu": lambda blk: GEGLUFeedForward(blk.level.ff_mult or 4, dtype=blk.dtype, name="ff"),
+}
 
 
 class TransformerBlock(nn.Module):
@@ -34,37 +67,17 @@ class TransformerBlock(nn.Module):
     lambda_kernel_size: int = 15
     dtype: Any = None
 
-    def _self_mixer(self) -> nn.Module:
-        kind = self.level.self_mixer
-        if kind == "local_lambda":
-            return LocalLambda(self.num_heads, self.lambda_kernel_size, dtype=self.dtype, name="attn1")
-        if kind == "gla":
-            return GatedLinearAttention(num_heads=self.num_heads, dtype=self.dtype, name="attn1")
-        raise ValueError(f"unknown self mixer {kind!r}")
-
-    def _cross_mixer(self) -> nn.Module:
-        kind = self.level.cross_mixer
-        if kind == "cross_lambda":
-            return CrossLambda(self.num_heads, self.table_side, self.context_length, dtype=self.dtype, name="attn2")
-        if kind == "attention":
-            return Attention(self.num_heads, dtype=self.dtype, name="attn2")
-        raise ValueError(f"unknown cross mixer {kind!r}")
-
-    def _feed_forward(self, channels: int) -> nn.Module:
-        kind = self.level.feed_forward
-        if kind == "mix_ffn":
-            return MixFFN(int(channels * self.mlp_ratio), dtype=self.dtype, name="ff")
-        if kind == "geglu":
-            return GEGLUFeedForward(dtype=self.dtype, name="ff")
-        raise ValueError(f"unknown feed-forward {kind!r}")
-
     @nn.compact
     def __call__(self, x: jnp.ndarray, context: jnp.ndarray, hw: tuple[int, int], train: bool = False) -> jnp.ndarray:
-        if self.level.self_mixer != "none":
-            x = x + self._self_mixer()(layer_norm(1e-5, self.dtype, "norm1")(x), hw=hw, train=train)
-        if self.level.cross_mixer != "none":
-            x = x + self._cross_mixer()(layer_norm(1e-5, self.dtype, "norm2")(x), context, hw=hw, train=train)
-        return x + self._feed_forward(x.shape[-1])(layer_norm(1e-5, self.dtype, "norm3")(x), hw=hw, train=train)
+        level = self.level
+        if level.self_mixer != "none":
+            mixer = SELF_MIXER_FACTORIES[level.self_mixer](self)
+            x = add_residual(x, mixer(layer_norm(1e-5, self.dtype, "norm1")(x), hw=hw, train=train))
+        if level.cross_mixer != "none":
+            mixer = CROSS_MIXER_FACTORIES[level.cross_mixer](self)
+            x = add_residual(x, mixer(layer_norm(1e-5, self.dtype, "norm2")(x), context, hw=hw, train=train))
+        ff = FEED_FORWARD_FACTORIES[level.feed_forward](self)
+        return add_residual(x, ff(layer_norm(1e-5, self.dtype, "norm3")(x), hw=hw, train=train))
 
 
 class Transformer2D(nn.Module):
@@ -92,4 +105,4 @@ class Transformer2D(nn.Module):
                 self.lambda_kernel_size, dtype=self.dtype, name=f"transformer_blocks_{d}",
             )(tokens, context, (height, width), train)
         h = conv2d(c, 1, dtype=self.dtype, name="proj_out")(tokens.reshape(b, height, width, c))
-        return h + x
+        return add_residual(x, h)
