@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from moebius_jax.layers.batch_norm import BatchNorm
 from moebius_jax.layers.linear import conv2d
+from moebius_jax.layers.residual import add_residual
 
 
 class DepthwiseSeparableConv(nn.Module):
@@ -30,4 +31,4 @@ class DepthwiseSeparableConv(nn.Module):
         h = conv2d(self.features, 1, use_bias=False, dtype=self.dtype, name="conv_pw")(h)
         h = BatchNorm(dtype=self.dtype, name="bn2")(h, train)
         # timm's residual rule: stride is always 1 here, so only the widths decide.
-        return h + x if in_features == self.features else h
+        return add_residual(x, h) if in_features == self.features else h

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from moebius_jax.layers.linear import conv2d, dense
 from moebius_jax.layers.dwsep_conv import DepthwiseSeparableConv
 from moebius_jax.layers.norms import group_norm
+from moebius_jax.layers.residual import add_residual
 
 
 def spatial_conv(kind: str, features: int, x: jnp.ndarray, train: bool, *, dtype: Any = None,
@@ -47,4 +48,4 @@ class ResnetBlock(nn.Module):
         h = spatial_conv(self.conv_kind, self.features, h, train, dtype=self.dtype, name="conv2")
         if x.shape[-1] != self.features:
             x = conv2d(self.features, 1, padding=0, dtype=self.dtype, name="conv_shortcut")(x)
-        return x + h
+        return add_residual(x, h)

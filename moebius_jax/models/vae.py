@@ -27,6 +27,7 @@ from jax import lax
 from moebius_jax.layers.attention import Attention
 from moebius_jax.layers.linear import conv2d
 from moebius_jax.layers.norms import group_norm
+from moebius_jax.layers.residual import add_residual
 from moebius_jax.layers.resnet import ResnetBlock
 from moebius_jax.layers.samplers import Downsample, Upsample
 
@@ -154,7 +155,7 @@ class AttentionBlock(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         b, height, width, c = x.shape
         h = self.attention(self.group_norm(x).reshape(b, height * width, c))
-        return x + h.reshape(x.shape)
+        return add_residual(x, h.reshape(x.shape))
 
 
 class MidBlock(nn.Module):
