@@ -1,0 +1,87 @@
+"""Render a results file as the README's markdown performance table.
+
+    python -m bench.report [bench/results/cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from typing import Any
+
+from bench.harness import REPO
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.3g} s"
+
+
+def _bytes(value: int | None, source: str | None) -> str:
+    if value is None:
+        return "—"
+    text = f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+    # XLA's buffer plan is an upper bound, not a measured high-water mark.
+    return f"{text} (plan)" if source == "xla_memory_analysis" else text
+
+
+def _flops(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value / 1e12:.3f} T" if value >= 1e11 else f"{value / 1e9:.2f} G"
+
+
+def _throughput(m: dict[str, Any]) -> str:
+    text = f"{m['throughput']:.3g} {m['throughput_unit']}"
+    return f"{text} ({m['calls_per_s']:.3g} steps/s)" if m["name"] == "train_step" else text
+
+
+def row(m: dict[str, Any], with_mfu: bool) -> str:
+    shape = "×".join(map(str, m["shape"]))
+    details = m["details"]
+    # The name.variant key is what `python -m bench --only` takes.
+    what = f"{m['name']}.{m['variant']}" + (f" (tile {details['tile']}/{details['overlap']})" if "tile" in details else "")
+    if m["compile_only"]:
+        timing = ["compile only", "—", "—", "—", "—"]
+    else:
+        timing = [_seconds(m["median_s"]), _seconds(m["p90_s"]), _seconds(m["median_cpu_s"]), _throughput(m),
+                  "—" if m["tflops_per_s"] is None else f"{m['tflops_per_s']:.3f}"]
+    if with_mfu:
+        timing.append("—" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%")
+    cells = [what, m["config"], m["dtype"], shape, f"{m['compile_s']:.1f} s", *timing,
+             _flops(m["flops"]), _bytes(m["peak_memory_bytes"], m["memory_source"])]
+    return "| " + " | ".join(cells) + " |"
+
+
+def render(results: dict[str, Any]) -> str:
+    """A caption (date, device, versions, load) and one table row per measurement."""
+    h = results["header"]
+    measurements = results["measurements"]
+    cpu = f" ({h['cpu_model']}, {h['cpu_count']} cores)" if h["platform"] == "cpu" else ""
+    commit = (h["git_commit"] or "unknown")[:7] + (" + local changes" if h["git_dirty"] else "")
+    load = f"; load average at start {h['load_average'][0]:.1f}" if h["load_average"] else ""
+    caption = (f"{h['date'][:10]}, {h['device_kind']}{cpu}, jax {h['jax_version']}, commit {commit}, "
+               f"`python -m bench` {h['mode']} mode{load}. Random weights; median and p90 of the timed "
+               f"runs after warm-up; host CPU = process CPU time per call (all threads); FLOPs from "
+               f"XLA's cost analysis; memory \"(plan)\" = XLA's buffer plan (arguments + outputs + "
+               f"temporaries), otherwise the device's peak.")
+    with_mfu = any(m["mfu"] is not None for m in measurements)
+    columns = ["Benchmark", "Config", "dtype", "Input", "Compile", "Median", "p90", "Host CPU", "Throughput",
+               "TFLOP/s", *(["MFU"] if with_mfu else []), "FLOPs/call", "Peak memory"]
+    lines = [caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += [row(m, with_mfu) for m in measurements]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", type=pathlib.Path, default=REPO / "bench" / "results" / "cpu.json")
+    args = parser.parse_args(argv)
+    print(render(json.loads(args.results.read_text())))
+
+
+if __name__ == "__main__":
+    main()
