@@ -9,11 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
 
 # Many tests (and the CLI subprocesses they start) compile the same tiny networks; a
 # persistent compilation cache turns the repeats into lookups.
-_CACHE = str(pathlib.Path(__file__).parents[1] / ".pytest_cache" / "jax")
+_CACHE = str(ROOT / ".pytest_cache" / "jax")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])

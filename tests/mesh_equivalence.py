@@ -1,7 +1,17 @@
-"""Subprocess helper for test_train: 3 steps on 1 device vs an 8-device (data 4, fsdp 2) mesh,
-and one distillation step (tiny teacher) on the mesh.
+"""Subprocess helper for test_train (the host device count must be set before JAX starts).
 
-Prints one JSON line: the per-step losses of the runs and the largest parameter difference.
+1. Trainer: 3 steps (AdamW at 1e-4: it compiles in half Muon's time, and Muon's own
+   sharding is plain GSPMD over its Newton-Schulz matmuls) on 1 device vs an 8-device
+   (data 4 x fsdp 2) mesh: losses and parameters; and one distillation step (tiny teacher)
+   on the mesh.
+2. Gradients: the tiny student's train-mode gradient with the batch and parameters sharded
+   over the mesh vs on one device, next to the float32 noise floor of the same gradient: the
+   difference that merely permuting the batch on one device makes. The student's backward pass
+   amplifies summation-order rounding (permuting the batch moves early-layer gradients by ~1e-2
+   of their scale), so "equal" for a gradient means "much closer to the one-device result than
+   a reordering of the same sums".
+
+Prints one JSON line.
 """
 
 import json
@@ -9,22 +19,24 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moebius_jax.loading import load_model  # noqa: E402
 from moebius_jax.train.config import load_train_config  # noqa: E402
 from moebius_jax.train.loop import Trainer  # noqa: E402
+from moebius_jax.train.mesh import batch_sharding, make_mesh, state_shardings  # noqa: E402
 
-# AdamW: Muon's bfloat16 Newton-Schulz (the reference's) turns 1-ulp float32 differences of a
-# reordered reduction into bf16 rounding flips, so its runs agree only to ~1e-4 after three
-# steps on ANY two reduction orders; AdamW shows what the mesh itself changes.
 BASE = ["data.image_size=64", "data.mask_config=random_medium_256", "data.batch_size=8", "data.num_workers=0",
-        "dtype=float32", "sample_every=0", "optimizer.name=adamw"]
+        "dtype=float32", "sample_every=0", "optimizer.learning_rate=1e-4", "optimizer.warmup_steps=0"]
+MESH = ["mesh.data=4", "mesh.fsdp=2"]
+ADAMW = ["optimizer.name=adamw"]
 
 
-def run(mesh_overrides, config_file="train_demo.yaml", steps=3):
+def train(mesh_overrides, config_file="train_demo.yaml", steps=3):
     config = load_train_config(ROOT / "configs" / config_file, BASE + mesh_overrides)
     trainer = Trainer.build(config, "/nonexistent")
     data = trainer._data_iterator()
@@ -35,9 +47,43 @@ def run(mesh_overrides, config_file="train_demo.yaml", steps=3):
     return losses, jax.device_get(state.params)
 
 
-single_losses, single_params = run(["mesh.num_devices=1", "mesh.data=1", "mesh.fsdp=1"])
-mesh_losses, mesh_params = run(["mesh.data=4", "mesh.fsdp=2"])
-distill_losses, _ = run(["mesh.data=4", "mesh.fsdp=2"], "distill_demo.yaml", steps=1)
-diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(single_params), jax.tree.leaves(mesh_params)))
+def gradient_differences():
+    """max |g_other - g_one_device| / max |g_one_device| for a permuted batch and for the mesh."""
+    model, variables = load_model(ROOT / "configs" / "moebius_tiny.yaml", seed=0)
+    rng = np.random.default_rng(0)
+    b, side = 8, 8
+    x = rng.standard_normal((b, side, side, 9)).astype(np.float32)
+    x[..., 4] = rng.uniform(size=(b, side, side)) < 0.4  # the latent-mask channel is binary
+    t = rng.integers(0, 1000, b).astype(np.int32)
+    ids = np.tile(np.arange(model.config.context_length, dtype=np.int32), (b, 1))
+    target = rng.standard_normal((b, side, side, 4)).astype(np.float32)
+
+    def loss(params, x, t, ids, target):
+        out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, t, ids,
+                             train=True, mutable=["batch_stats"])
+        return jnp.mean(jnp.square(out.sample - target))
+
+    grad = jax.jit(jax.grad(loss))
+    reference = grad(variables["params"], x, t, ids, target)
+    perm = rng.permutation(b)
+    permuted = grad(variables["params"], x[perm], t[perm], ids[perm], target[perm])
+    mesh = make_mesh(4, 2, jax.devices())
+    params = jax.device_put(variables["params"], state_shardings(variables["params"], mesh))
+    sharded = grad(params, *(jax.device_put(a, batch_sharding(mesh)) for a in (x, t, ids, target)))
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(reference))
+
+    def distance(other):
+        return max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in
+                   zip(jax.tree.leaves(reference), jax.tree.leaves(other))) / scale
+
+    return distance(permuted), distance(sharded)
+
+
+single_losses, single_params = train(["mesh.num_devices=1", "mesh.data=1", "mesh.fsdp=1", *ADAMW])
+mesh_losses, mesh_params = train(MESH + ADAMW)
+param_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(single_params), jax.tree.leaves(mesh_params)))
+distill_losses, _ = train(MESH + ADAMW, "distill_demo.yaml", steps=1)
+permuted, sharded = gradient_differences()
 print(json.dumps({"devices": jax.device_count(), "single_losses": single_losses, "mesh_losses": mesh_losses,
-                  "max_param_diff": diff, "distill_losses": distill_losses}))
+                  "max_param_diff": param_diff, "distill_losses": distill_losses,
+                  "grad_diff_permuted": permuted, "grad_diff_mesh": sharded}))

@@ -1,9 +1,8 @@
-"""The trainer: learning, mesh independence, exact resume, export, the CLI contract."""
+"""The trainer: learning, exact resume, export, the CLI contract (the mesh: test_mesh.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,10 +19,11 @@ from moebius_jax.train.export import export_state
 from moebius_jax.train.loop import Trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Small and quick: the tiny student at 64 px (8x8 latents), float32, task loss only.
+# Small and quick: the tiny student at 64 px (8x8 latents), float32, task loss only, AdamW
+# (its step compiles in half Muon's time; the overfitting test keeps the reference's Muon).
 FAST = [
     "data.image_size=64", "data.mask_config=random_medium_256", "data.batch_size=2", "data.num_workers=0",
-    "log_every=1", "sample_every=0", "dtype=float32",
+    "log_every=1", "sample_every=0", "dtype=float32", "optimizer.name=adamw",
 ]
 
 
@@ -37,7 +37,7 @@ def _losses(workdir: pathlib.Path) -> dict[int, float]:
 
 
 def test_overfitting_one_batch_halves_the_task_loss():
-    trainer = Trainer.build(_config("optimizer.learning_rate=3e-3", "optimizer.warmup_steps=10",
+    trainer = Trainer.build(_config("optimizer.name=muon", "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=10",
                                     "optimizer.total_steps=200"), "/nonexistent")
     batch = trainer._to_global(next(trainer._data_iterator()))
     state, losses = trainer.state, []
@@ -61,20 +61,6 @@ def test_resume_continues_bit_identically(tmp_path):
     assert sorted(split) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert split[step] == straight[step], step
-
-
-def test_same_losses_and_parameters_on_an_8_device_mesh():
-    """Data 4 x fsdp 2 vs one device, and a distillation step on the mesh. In a subprocess:
-    the host device count must be set before JAX starts."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "mesh_equivalence.py")], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=1200)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["devices"] == 8
-    np.testing.assert_allclose(result["mesh_losses"], result["single_losses"], rtol=1e-5, atol=1e-6)
-    assert result["max_param_diff"] <= 1e-5
-    assert np.all(np.isfinite(result["distill_losses"]))
 
 
 def test_four_term_distillation_logs_every_weight(tmp_path):
