@@ -1,0 +1,100 @@
+"""The sweep runner: identical seeds give identical curves, a changed mixer gives another one,
+the JSONL and the PNG are written, a re-run resumes, and bad sweep files are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from moebius_jax.inspect import count_parameters
+from moebius_jax.sweep import load_sweep, main, run_sweep, variant_configs
+
+# The tiny student at a 64^2 image, AdamW (its train step compiles fastest), one log per step.
+OVERRIDES = ["dtype=float32", "data.image_size=64", "data.batch_size=2", "data.num_workers=0",
+             "optimizer.name=adamw", "optimizer.warmup_steps=0", "log_every=1", "save_every=2", "sample_every=0"]
+ATTENTION = {"levels": {0: {"self_mixer": "attention"}}}
+
+
+def _write(tmp_path, variants, **extra):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"train": str(ROOT / "configs" / "train_demo.yaml"), "overrides": OVERRIDES,
+                                    "steps": 3, "out": str(tmp_path / "out"), "variants": variants, **extra}))
+    return path
+
+
+def _curves(records):
+    curves = {}
+    for r in records:
+        if not r.get("summary"):
+            curves.setdefault(r["variant"], []).append((r["step"], r["loss"]))
+    return curves
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    path = _write(tmp_path, {"reference": {}, "same_again": {}, "attention": {"model": ATTENTION}})
+    records = run_sweep(load_sweep(path))
+    return tmp_path, path, records
+
+
+def test_identical_seeds_give_identical_curves(swept):
+    _, _, records = swept
+    curves = _curves(records)
+    assert [s for s, _ in curves["reference"]] == [1, 2, 3]
+    assert curves["same_again"] == curves["reference"]
+    assert curves["attention"] != curves["reference"]
+
+
+def test_jsonl_png_and_summaries(swept):
+    tmp_path, _, records = swept
+    out = tmp_path / "out"
+    lines = (out / "sweep.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == records
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summaries = {r["variant"]: r for r in records if r.get("summary")}
+    assert set(summaries) == {"reference", "same_again", "attention"}
+    for name, s in summaries.items():
+        model = yaml.safe_load((out / name / "model.yaml").read_text())
+        assert s["params"] == count_parameters(model)
+        assert s["steps"] == 3 and s["step_ms"] > 0 and s["compile_s"] > 0
+        losses = [loss for _, loss in _curves(records)[name]]
+        assert s["final_loss"] == pytest.approx(sum(losses) / len(losses))
+    assert summaries["attention"]["params"] != summaries["reference"]["params"]
+
+
+def test_a_rerun_skips_finished_variants_and_extends_the_others(swept, capsys):
+    tmp_path, path, records = swept
+    before = (tmp_path / "out" / "attention" / "metrics.jsonl").read_text()
+    # Same steps: nothing trains, the records are the same.
+    assert run_sweep(load_sweep(path), make_plot=False) == records
+    assert (tmp_path / "out" / "attention" / "metrics.jsonl").read_text() == before
+    # One step more: each variant resumes from its step-3 checkpoint, the log has no duplicate.
+    assert main([str(path), "--steps", "4", "--no-plot"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {s["variant"]: s["steps"] for s in printed} == {"reference": 4, "same_again": 4, "attention": 4}
+    curves = _curves([json.loads(line) for line in (tmp_path / "out" / "sweep.jsonl").read_text().splitlines()])
+    assert [s for s, _ in curves["reference"]] == [1, 2, 3, 4]
+    assert curves["reference"][:3] == _curves(records)["reference"]
+    assert curves["same_again"] == curves["reference"]
+
+
+@pytest.mark.parametrize("variants, match", [
+    ({"bad": {"overrides": ["data.batch_size=8"]}}, "every variant shares"),
+    ({"bad": {"overrides": ["seed=1"]}}, "every variant shares"),
+    ({"bad": {"model": {"levels": {0: {"self_mixer": "convolution"}}}}}, "variant 'bad'"),
+    ({"bad": {"layers": 2}}, "expected a mapping with `model`"),
+    ({"a/b": {}}, "names a folder"),
+])
+def test_bad_sweeps_are_refused(tmp_path, variants, match):
+    with pytest.raises(ValueError, match=match):
+        variant_configs(load_sweep(_write(tmp_path, variants)))
+
+
+def test_the_shipped_sweep_is_valid(monkeypatch):
+    monkeypatch.chdir(ROOT)  # its paths are relative to the repository, like train.py's configs
+    configs = variant_configs(load_sweep("configs/sweeps/mixers_tiny.yaml"))
+    assert len(configs) == 8 and "local_lambda" in configs
