@@ -72,14 +72,16 @@ def test_a_rerun_skips_finished_variants_and_extends_the_others(swept, capsys):
     # Same steps: nothing trains, the records are the same.
     assert run_sweep(load_sweep(path), make_plot=False) == records
     assert (tmp_path / "out" / "attention" / "metrics.jsonl").read_text() == before
-    # One step more: each variant resumes from its step-3 checkpoint, the log has no duplicate.
-    assert main([str(path), "--steps", "4", "--no-plot"]) == 0
+    # One step more (for one variant, to keep the test short): it resumes from its step-3
+    # checkpoint and the log has no duplicate.
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "variants": {"reference": {}}}))
+    assert main([str(one), "--steps", "4", "--no-plot"]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert {s["variant"]: s["steps"] for s in printed} == {"reference": 4, "same_again": 4, "attention": 4}
+    assert [(s["variant"], s["steps"]) for s in printed] == [("reference", 4)]
     curves = _curves([json.loads(line) for line in (tmp_path / "out" / "sweep.jsonl").read_text().splitlines()])
     assert [s for s, _ in curves["reference"]] == [1, 2, 3, 4]
     assert curves["reference"][:3] == _curves(records)["reference"]
-    assert curves["same_again"] == curves["reference"]
 
 
 @pytest.mark.parametrize("variants, match", [
