@@ -182,7 +182,8 @@ def test_tfds_source_explains_the_missing_extra(monkeypatch):
 
 
 def test_tfds_source_reads_a_local_array_record_dataset(tmp_path, mask_config):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    tfds = pytest.importorskip("tensorflow_datasets",
+                               reason="the optional data extra (pip install -e '.[data]') is not installed")
     rng = np.random.default_rng(0)
     pictures = [rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8) for i in range(3)]
 
