@@ -51,7 +51,12 @@ def test_overfitting_one_batch_halves_the_task_loss():
 def test_resume_continues_bit_identically(tmp_path):
     config = _config("save_every=3")
     Trainer.build(config, tmp_path / "straight").run(max_steps=6)
-    Trainer.build(config, tmp_path / "split").run(max_steps=3)
+    first_half = Trainer.build(config, tmp_path / "split")
+    first_half.run(max_steps=3)
+    # Training into a workdir with checkpoints, without resume, is refused (nothing overwritten).
+    with pytest.raises(FileExistsError, match="--resume"):
+        first_half.run(max_steps=6)
+    assert sorted(_losses(tmp_path / "split")) == [1, 2, 3]
     # A checkpoint torn mid-write must be ignored: orbax only renames complete ones.
     torn = tmp_path / "split" / "checkpoints" / "5.orbax-checkpoint-tmp-1234"
     torn.mkdir()

@@ -89,9 +89,14 @@ class Trainer:
         max_steps = cfg.max_steps if max_steps is None else max_steps
         lead = jax.process_index() == 0
         self.workdir.mkdir(parents=True, exist_ok=True)
+        checkpoints = Checkpoints(self.workdir / "checkpoints", cfg.keep_checkpoints, cfg.save_every)
+        existing = checkpoints.latest_step()
+        if not resume and existing is not None:
+            checkpoints.close()
+            raise FileExistsError(f"{self.workdir} already holds checkpoints (latest step {existing}): "
+                                  "pass --resume to continue it, or use a new workdir")
         if lead:
             (self.workdir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        checkpoints = Checkpoints(self.workdir / "checkpoints", cfg.keep_checkpoints, cfg.save_every)
         writer = MetricsWriter(self.workdir, enabled=lead)
         data = self._data_iterator()
         if resume and checkpoints.latest_step() is not None:
