@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moebius_jax.config import TEACHER_MODEL_TYPE, ModelConfig, load_config
+from moebius_jax.config import TEACHER_MODEL_TYPE, ModelConfig, UNetConfig, load_config
 from moebius_jax.convert import keymap as km
 from moebius_jax.convert.errors import CheckpointError
 from moebius_jax.convert.maps import UNET_KEYMAP
@@ -28,9 +28,8 @@ from moebius_jax.models.removal_model import RemovalModel
 PathLike = str | os.PathLike
 
 
-def dummy_inputs(config: ModelConfig, batch: int = 1) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def dummy_inputs(unet: UNetConfig, batch: int = 1) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Zero inputs of the trained resolution, for init / eval_shape."""
-    unet = config.unet
     side = unet.sample_size
     return (
         jnp.zeros((batch, side, side, unet.in_channels), jnp.float32),
@@ -53,16 +52,21 @@ def init_variables(model: RemovalModel, config: ModelConfig, seed: int | jax.Arr
     come from the "rbg" generator, whose programs compile several times faster than threefry's.
     """
     key = jax.random.key(seed, impl="rbg") if isinstance(seed, int) else seed
-    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in dummy_inputs(config)]
+    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in dummy_inputs(config.unet)]
     return dict(jax.jit(lambda k: model.lazy_init(k, *abstract))(key))
 
 
 def abstract_variables(model: RemovalModel, config: ModelConfig) -> dict[str, Any]:
     """Shapes and dtypes of every variable, without allocating them."""
-    return dict(jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(config)))
+    return dict(jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(config.unet)))
 
 
-def _ema_sibling(path: pathlib.Path) -> pathlib.Path:
+# The BatchNorm buffers of a torch state dict: what an EMA file lacks and its plain sibling has.
+BN_STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def ema_sibling(path: pathlib.Path) -> pathlib.Path:
+    """The plain checkpoint saved beside an EMA file (`x.EMA.bin` -> `x.bin`)."""
     return path.with_name(path.name.replace(".EMA.", ".", 1))
 
 
@@ -82,14 +86,14 @@ def load_torch_variables(
     params = km.to_flax(read_ema_file(path).params, keymap, abstract, str(path), optional=("batch_stats",))
     if "batch_stats" not in abstract:
         return params
-    stats_path = pathlib.Path(batch_stats_from) if batch_stats_from else _ema_sibling(path)
+    stats_path = pathlib.Path(batch_stats_from) if batch_stats_from else ema_sibling(path)
     if not stats_path.exists():
         raise CheckpointError(
             f"{path}: an EMA file holds no BatchNorm statistics and {stats_path} does not exist; "
             "pass the matching plain checkpoint as batch_stats_from=..."
         )
     state = read_state_dict(stats_path)
-    stats_only = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    stats_only = {k: v for k, v in state.items() if k.endswith(BN_STAT_SUFFIXES)}
     stats = km.to_flax(stats_only, keymap, {"batch_stats": abstract["batch_stats"]}, str(stats_path))
     return {**params, **stats}
 

@@ -27,18 +27,17 @@ import numpy as np
 import yaml
 from flax import traverse_util
 
-from moebius_jax.config import ModelConfig, UNetConfig, load_config
+from moebius_jax.config import ModelConfig, load_config
 from moebius_jax.convert import keymap as km
 from moebius_jax.convert.errors import CheckpointError
 from moebius_jax.convert.maps import UNET_KEYMAP
 from moebius_jax.convert.orbax_io import CONFIG_FILE, is_orbax_dir, save_variables
 from moebius_jax.convert.state_dict import is_ema_file, read_ema_file, read_state_dict
 from moebius_jax.inspect import module_group
-from moebius_jax.loading import load_model
+from moebius_jax.loading import BN_STAT_SUFFIXES, dummy_inputs, ema_sibling, load_model
 from moebius_jax.models.removal_model import RemovalModel
 
 Path = tuple[str, ...]
-_STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _name(path: Path) -> str:
@@ -128,9 +127,9 @@ def _read_source(source: Any, keymap: km.KeyMap) -> tuple[dict[Path, np.ndarray]
         return (*_from_torch_state(read_state_dict(path), keymap), str(path))
     # EMA files hold parameters only; the plain checkpoint beside them holds the statistics.
     state = dict(read_ema_file(path).params)
-    plain = path.with_name(path.name.replace(".EMA.", ".", 1))
+    plain = ema_sibling(path)
     if plain.exists():
-        state.update({k: v for k, v in read_state_dict(plain).items() if k.endswith(_STAT_SUFFIXES)})
+        state.update({k: v for k, v in read_state_dict(plain).items() if k.endswith(BN_STAT_SUFFIXES)})
     return (*_from_torch_state(state, keymap), str(path))
 
 
@@ -138,15 +137,6 @@ def _target_model(target: RemovalModel | ModelConfig | str | os.PathLike | Mappi
     if isinstance(target, RemovalModel):
         return target
     return RemovalModel(load_config(target).unet)
-
-
-def _dummy_inputs(unet: UNetConfig) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    side = unet.sample_size
-    return (
-        jnp.zeros((1, side, side, unet.in_channels), jnp.float32),
-        jnp.zeros((1,), jnp.int32),
-        jnp.zeros((1, unet.context_length), jnp.int32),
-    )
 
 
 def transplant(
@@ -159,7 +149,7 @@ def transplant(
     path and shape the source also has is the source's, bit for bit (cast to the target's
     dtype); every other one is what a fresh init from `key` gives it. Returns (variables, report)."""
     model = _target_model(target)
-    inputs = _dummy_inputs(model.config)
+    inputs = dummy_inputs(model.config)
     shapes = traverse_util.flatten_dict(dict(jax.eval_shape(model.init, key, *inputs)))
     source_flat, unplaced, description = _read_source(source, keymap)
 
