@@ -203,7 +203,7 @@ def _student_unet(model: Mapping[str, Any], sample_size: int, num_embeddings: in
             raise ValueError(f"student block type {kind!r} is not supported (expected {_STUDENT_BLOCKS})")
     if model.get("mid_block_type") is not None:
         raise ValueError("the Moebius student has no mid block; mid_block_type must be null")
-    # use_local_self_attn: False is the reference's global-lambda self layer (model.md 11.10).
+    # use_local_self_attn: False selects the reference's global-lambda self layer.
     self_mixer = "local_lambda" if model.get("use_local_self_attn", True) else "global_lambda"
     cross_mixer = "cross_lambda" if model.get("use_lambda_cross_attn", True) else "attention"
     levels = tuple(

@@ -32,7 +32,7 @@ from moebius_jax.config import ModelConfig, load_config
 from moebius_jax.models.removal_model import RemovalModel
 
 # Blocks whose children are reported one kind at a time (attentions / resnets / samplers),
-# as in the reference's own parameter table (model.md §8).
+# as the Moebius paper's parameter table groups them.
 _SPLIT_BLOCKS = ("down_blocks_", "up_blocks_", "mid_block")
 
 

@@ -1,4 +1,4 @@
-"""Training data pipeline (training.md §2-3): sources, per-sample transforms, the batch loader."""
+"""Training data pipeline: sources, per-sample transforms, the batch loader."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LaMa-style random masks (training.md §4): config loading, draw order, geometry, statistics."""
+"""LaMa-style random masks (the reference's training generator): config loading, draw order, geometry, statistics."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from moebius_jax.data.masks import (
 
 NAMES = [f"random_{w}_{s}" for w in ("thin", "medium", "thick") for s in (256, 512)]
 
-# training.md §4.4: irregular (min_times, max_times, max_width, max_angle, max_len),
+# The reference's settings: irregular (min_times, max_times, max_width, max_angle, max_len),
 # box_proba, box (margin, bbox_min_size, bbox_max_size, min_times, max_times).
 SPEC_TABLE = {
     "random_thin_256": ((4, 50, 10, 4, 40), 0, None),

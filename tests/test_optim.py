@@ -1,4 +1,4 @@
-"""The trainer's optimisation pieces against their formulas (training.md §10, §11, §13).
+"""The trainer's optimisation pieces against the reference's formulas.
 
 Every expected value is computed here in plain numpy, independently of the code under test:
 torch layouts by hand-written transposes, Newton–Schulz as a bfloat16 emulation (ml_dtypes,
@@ -111,7 +111,7 @@ def ns5_bf16_numpy(g: np.ndarray) -> np.ndarray:
 
 def reference_muon(params: dict, grads_seq: list[dict], lrs: list[float], wd: float = 0.1,
                    momentum: float = 0.95) -> dict:
-    """training.md §11 step by step in torch layout: float32 momentum (as torch keeps it),
+    """The reference's Muon step by step in torch layout: float32 momentum (as torch keeps it),
     bf16 NS5, float64 parameter arithmetic. Returns float64 params in Flax layout."""
     out = {}
     for path, (_, branch, kind) in LEAVES.items():

@@ -1,4 +1,4 @@
-"""Host-side pipeline stages (pipeline.md §4, §5.4, §7, §8) against the reference's tiny run,
+"""Host-side pipeline stages against the reference's tiny run,
 plus our own paste at original size and robust image/mask loading."""
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ def test_impossible_variants_name_the_level_and_field(tmp_path, teacher, keys, m
     "config, params", [("configs/moebius.yaml", 226_041_531), ("configs/pixelhacker.yaml", 862_251_708)]
 )
 def test_inspect_counts_the_reference_models(config, params):
-    """model.md §8 (student) and the teacher manifest: totals from shapes only."""
+    """The paper's parameter table (student) and the teacher manifest: totals from shapes only."""
     assert count_parameters(config) == params
 
 
@@ -270,7 +270,7 @@ def test_inspect_cli_prints_the_table(capsys):
     assert inspect_main(["configs/moebius.yaml", "--no-flops"]) == 0
     out = capsys.readouterr().out
     assert "config: valid" in out
-    assert re.search(r"\ndown_blocks\.0\.attentions +5,868,640 ", out)  # model.md §8
+    assert re.search(r"\ndown_blocks\.0\.attentions +5,868,640 ", out)  # the paper's parameter table
     assert re.search(r"\ntotal +226,041,531 ", out)
 
 

@@ -2,7 +2,8 @@
 
 `.safetensors` is read with safetensors' numpy backend; torch files (`.bin`, `.pt`, `.pth`,
 `.ckpt`, `.tar`) with the torch-free reader in `torch_pickle`. EMA files follow the
-reference's `save_litema` layout (spec: checkpoints.md section 2).
+reference's `save_litema` layout: {"ema_buffers": decay, num_updates and one shadow per
+parameter keyed by its name without dots, "ema_name_map": {parameter name: dot-less name}}.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _scalar(buffers: Mapping[str, Any], key: str, kind: str, path: pathlib.Path)
 
 
 def read_ema_file(path: PathLike) -> EmaCheckpoint:
-    """Read an EMA file written by the reference's `save_litema` (checkpoints.md section 2)."""
+    """Read an EMA file written by the reference's `save_litema` (layout in the module docstring)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"EMA checkpoint not found: {path}")

@@ -19,7 +19,7 @@ import numpy as np
 from moebius_jax.convert.keymap import KeyMap
 from moebius_jax.convert.maps import GENERIC_RULES
 
-# Legacy diffusers attention names -> current names (spec: checkpoints.md section 3).
+# Legacy diffusers attention names -> current names (older diffusers VAE files use these).
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 VAE_KEYMAP = KeyMap(

@@ -1,4 +1,4 @@
-"""LaMa-style random inpainting masks: the reference's training mask generator (training.md §4).
+"""LaMa-style random inpainting masks: the reference's training mask generator.
 
 A mask config (the reference's YAML schema, see ``configs/masks/``) defines a mixture of
 irregular brush strokes and axis-aligned boxes. :func:`generate_mask` picks one kind with one

@@ -1,4 +1,4 @@
-"""Training-data sources: the reference's jsonl, a plain image folder, and TFDS (training.md §2).
+"""Training-data sources: the reference's jsonl, a plain image folder, and TFDS.
 
 A source is a random-access sequence of :class:`Item` (``len(source)``, ``source[i]``) plus
 ``foreground_masks``, the masks the ``use_extra_fg_mask`` option draws from. Items only
@@ -66,7 +66,7 @@ class ListSource(Sequence[Item]):
             raise DataSourceError(f"{name}: no training items")
         self.items: tuple[Item, ...] = tuple(items)
         self.name = name
-        # The reference draws extra masks from the foreground items (training.md §3.3).
+        # The reference draws extra masks from the foreground items' own masks.
         self.foreground_masks: tuple[ImageRef, ...] = tuple(
             item.mask
             for item in self.items
@@ -157,7 +157,7 @@ def jsonl_source(path: str | pathlib.Path, *, check_files: bool = True) -> ListS
             item = parse_jsonl_line(line, base, f"{path}:{number}", check_files)
             if item is not None:
                 items.append(item)
-    # data_source order of the reference (training.md §2).
+    # The reference lists background items before foreground ones; batches depend on that order.
     ordered = [i for i in items if i.prompt == "background"] + [
         i for i in items if i.prompt == "foreground"
     ]

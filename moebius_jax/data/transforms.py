@@ -1,4 +1,4 @@
-"""Per-sample preprocessing of the reference's training data (training.md §2-3), on the CPU.
+"""Per-sample preprocessing of the reference's training data, on the CPU.
 
 :func:`prepare_sample` turns one source item into ``image`` (S, S, 3) float32 in [-1, 1],
 ``mask`` (S, S, 1) float32 in [0, 1] (1 = hole) and ``input_ids`` (10,) int32, and
@@ -30,7 +30,7 @@ from moebius_jax.data.sources import DataSourceError, ImageRef, Item
 logger = logging.getLogger(__name__)
 
 NUM_INPUT_IDS = 10
-# Background (inpaint with scene content) vs foreground (object) task ids (training.md §2).
+# Background (inpaint with scene content) vs foreground (object) task ids.
 INPUT_IDS: dict[str, np.ndarray] = {
     "background": np.arange(0, NUM_INPUT_IDS, dtype=np.int32),
     "foreground": np.arange(NUM_INPUT_IDS, 2 * NUM_INPUT_IDS, dtype=np.int32),

@@ -2,7 +2,7 @@
 
 XLA's "SAME" padding on a stride-2 conv pads only bottom/right, while torch's `padding=1`
 pads both sides, so every conv takes explicit symmetric padding. Initialisers follow the
-reference (model.md §6) so that training from scratch starts where the reference starts:
+reference so that training from scratch starts where the reference starts:
 conv kernels U(±1/sqrt(fan_in)) (torch's kaiming_uniform(a=√5)), linears Xavier-uniform
 with zero bias.
 """

@@ -1,5 +1,5 @@
 """Self lambda layers (Bello 2021, "LambdaNetworks"): Moebius' Local-λ `attn1` and the
-reference's global variant (`use_local_self_attn: False`, model.md §11.10).
+reference's global variant (`use_local_self_attn: False`).
 
 Both share projections, normalisation and the content lambda; they differ in the position
 lambdas, which are in both cases a 2-D cross-correlation run over every value channel's map:

@@ -1,4 +1,4 @@
-"""Post-processing of the reference pipeline (pipeline.md §7-8) and our paste at original size.
+"""Post-processing of the reference pipeline and our paste at original size.
 
 The reference stops at the resized multiple-of-64 image: :func:`to_uint8`, then :func:`paste`
 (or :func:`paste_compensate`) against the resized input, reproduced bit for bit, Pillow blur

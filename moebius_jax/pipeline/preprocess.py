@@ -1,4 +1,4 @@
-"""Per-image pre-processing of the reference pipeline (pipeline.md §4 and §5.4), NHWC.
+"""Per-image pre-processing of the reference pipeline, NHWC.
 
 Host-side numpy/Pillow work, reproduced bit for bit: binarise the mask, resize image and mask
 with LANCZOS so the short side is ``resolution`` and both sides are multiples of 64, then build

@@ -24,7 +24,7 @@ def ddim_timesteps(
 ) -> np.ndarray:
     """Descending "leading" timesteps (n−1−i)·(N // n), less the first ones the strength cut drops.
 
-    strength 0.99 with 20 steps keeps 19 steps, 900..0 (pipeline.md §5).
+    strength 0.99 with 20 steps keeps 19 steps, 900..0, as the reference pipeline.
     """
     ratio = ddim_step_ratio(num_steps, num_train_timesteps)
     timesteps = np.arange(num_steps - 1, -1, -1, dtype=np.int64) * ratio

@@ -1,4 +1,4 @@
-"""Training-time timestep sampling (training.md §6); DDPM noising and x̂0 are in noise_schedule."""
+"""Training-time timestep sampling; DDPM noising and x̂0 are in noise_schedule."""
 
 from __future__ import annotations
 

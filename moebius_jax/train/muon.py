@@ -1,4 +1,4 @@
-"""Muon exactly as the reference trains with it (the moonlight variant, training.md §11).
+"""Muon exactly as the reference trains with it (the moonlight variant).
 
 Matrix-shaped parameters of the network body are updated with Nesterov momentum
 orthogonalised by five bfloat16 Newton–Schulz steps; everything else (biases, norm affines,

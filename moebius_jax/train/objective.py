@@ -1,7 +1,7 @@
 """The Moebius training objective: task loss, output and feature distillation, an optional
 extra latent-space term (E-LatentLPIPS), and the reference's gradient-norm adaptive weights.
 
-Adaptive weighting needs each raw loss's gradient at two probe kernels (training.md §9). We
+Adaptive weighting needs each raw loss's gradient at two probe kernels (`probe_paths`). We
 linearise the student once (`jax.vjp`: one forward pass), pull each loss's output cotangent
 back keeping only the probe gradients (activation backward only: XLA removes the unused
 weight gradients), then, the weights being constants, pull back the weighted sum of the

@@ -22,7 +22,7 @@ from moebius_jax.train.schedules import constant_with_warmup, cosine_with_warmup
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """Optimiser settings; the defaults are the reference's (training.md §1, §10, §11).
+    """Optimiser settings; the defaults are the reference's training recipe.
 
     `max_grad_norm` 0 disables clipping. `adamw_*` set both
     Muon's internal AdamW branch and the plain "adamw" optimiser. `total_steps` and `min_lr`
