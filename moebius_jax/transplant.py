@@ -33,7 +33,7 @@ from moebius_jax.convert.errors import CheckpointError
 from moebius_jax.convert.maps import UNET_KEYMAP
 from moebius_jax.convert.orbax_io import CONFIG_FILE, is_orbax_dir, save_variables
 from moebius_jax.convert.state_dict import is_ema_file, read_ema_file, read_state_dict
-from moebius_jax.inspect import module_group
+from moebius_jax.inspect_model import module_group
 from moebius_jax.loading import BN_STAT_SUFFIXES, dummy_inputs, ema_sibling, load_model
 from moebius_jax.models.removal_model import RemovalModel
 

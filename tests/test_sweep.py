@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from moebius_jax.inspect import count_parameters
+from moebius_jax.inspect_model import count_parameters
 from moebius_jax.sweep import load_sweep, main, run_sweep, variant_configs
 
 # The tiny student at a 64^2 image, AdamW (its train step compiles fastest), one log per step.

@@ -19,7 +19,7 @@ import moebius_jax
 from moebius_jax.config import CROSS_MIXERS, FEED_FORWARDS, SELF_MIXERS, LevelConfig, load_config
 from moebius_jax.convert import keymap as km
 from moebius_jax.convert.maps import UNET_KEYMAP
-from moebius_jax.inspect import count_parameters, inspect_model, main as inspect_main, xla_cost
+from moebius_jax.inspect_model import count_parameters, inspect_model, main as inspect_main, xla_cost
 from moebius_jax.layers.self_lambda import SelfLambda
 from moebius_jax.layers.linear_attention import LinearAttention, elu_feature_map
 from moebius_jax.layers.transformer import (

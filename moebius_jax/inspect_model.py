@@ -1,7 +1,7 @@
 """Accounting for a model config: parameters per module, FLOPs and activation memory of one
 classifier-free-guidance step, and a validity check.
 
-    python -m moebius_jax.inspect CONFIG [--resolution 512 | HxW] [--batch B] [--no-flops] [--no-compile] [--train]
+    python -m moebius_jax.inspect_model CONFIG [--resolution 512 | HxW] [--batch B] [--no-flops] [--no-compile] [--train]
 
 Nothing is allocated: parameter shapes come from `jax.eval_shape`; FLOPs from XLA's cost
 analysis of the lowered program on abstract inputs (with loop bodies, e.g. GLA's chunk scan,
@@ -357,7 +357,7 @@ def _resolution(text: str) -> int | tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moebius_jax.inspect", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m moebius_jax.inspect_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="model YAML (reference schema, optionally with levels: overrides)")
     parser.add_argument("--resolution", type=_resolution, default=512, help="image side, or HxW (default 512)")
