@@ -83,8 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--image, --mask and --out go together")
     if any(folder) and not all(folder):
         p.error("--image-dir, --mask-dir and --out-dir go together")
-    if args.variant and args.weights:
-        p.error("--variant picks released weights; it cannot be combined with --weights")
     if args.mask_dilate < 0:
         p.error(f"--mask-dilate must be >= 0, got {args.mask_dilate}")
     if args.cfg_until is not None and args.cfg_until < 0:
@@ -113,7 +111,7 @@ def load_pipeline(args: argparse.Namespace):
     from moebius_jax.pipeline.inpaint import InpaintPipeline
 
     return InpaintPipeline.from_pretrained(args.weights, args.vae, config=args.config, dtype=args.dtype,
-                                           resolution=args.resolution, variant=args.variant or "pretrained",
+                                           resolution=args.resolution, variant=args.variant,
                                            compile_cache=args.compile_cache)
 
 

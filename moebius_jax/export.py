@@ -145,7 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
     p.add_argument("--bake-weights", action="store_true", help="embed the weights in the program")
     p.add_argument("--weights", default=None, help="student weights (default: the released --variant)")
-    p.add_argument("--variant", choices=hub.VARIANTS, default="pretrained")
+    p.add_argument("--variant", choices=hub.VARIANTS, default=None,
+                   help="released student to fetch when --weights is not given (default: pretrained)")
     p.add_argument("--vae", default=None, help=f"VAE (default: {hub.DEFAULT_VAE})")
     p.add_argument("--config", default=None, help="model YAML (default: saved with the weights, else configs/moebius.yaml)")
     p.add_argument("--platforms", default=None,
@@ -154,6 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch < 1 or args.steps < 1:
         p.error("--batch and --steps must be >= 1")
+
     return args
 
 

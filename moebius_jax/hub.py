@@ -47,6 +47,13 @@ def student_weights(variant: str = "pretrained") -> str:
     return f"{STUDENT_REPO}/{variant}/{STUDENT_FILE}"
 
 
+def student_choice(weights: str | os.PathLike | None, variant: str | None) -> str | os.PathLike:
+    """`weights` if given, else the released `variant` (default "pretrained"); not both."""
+    if weights is not None and variant is not None:
+        raise ValueError(f"variant {variant!r} picks released weights; it cannot be combined with weights {weights}")
+    return student_weights(variant or "pretrained") if weights is None else weights
+
+
 def is_hub_id(spec: str | os.PathLike) -> bool:
     """Whether `spec` names Hub weights: not an existing local path, and `org/repo[/path]`."""
     text = os.fspath(spec)

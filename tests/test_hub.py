@@ -87,6 +87,10 @@ def test_hub_ids_are_recognised():
     assert hub.student_weights("ft_ffhq") == "hustvl/Moebius/ft_ffhq/diffusion_pytorch_model.bin"
     with pytest.raises(ValueError, match="ft_places2"):
         hub.student_weights("places")
+    assert hub.student_choice(None, None) == hub.student_weights("pretrained")
+    assert hub.student_choice("w.bin", None) == "w.bin"
+    with pytest.raises(ValueError, match="cannot be combined"):
+        hub.student_choice("w.bin", "ft_ffhq")
     assert hub.canonical("hustvl/PixelHacker/vae") == "hustvl/PixelHacker/vae"
     assert hub.canonical(os.path.relpath(TINY_VAE)) == str(TINY_VAE)
 
@@ -145,6 +149,8 @@ def test_eval_records_hub_ids_as_they_are(tmp_path):
     assert settings["vae"] == hub.DEFAULT_VAE
     args = eval_args(["--benchmark", str(tmp_path), "--out", str(tmp_path / "o"), "--weights", str(TINY_WEIGHTS)])
     assert run_settings(args, 512)["weights"] == str(TINY_WEIGHTS)
+    with pytest.raises(SystemExit):
+        eval_args(["--benchmark", "b", "--out", "o", "--weights", "w", "--variant", "ft_ffhq"])
 
 
 def test_compilation_cache_settings(tmp_path, monkeypatch):

@@ -184,6 +184,8 @@ def test_infer_new_flags(tmp_path, monkeypatch, capsys):
     assert report["seed"] == 77 and report["images"] == 1
     args = infer.parse_args(["--image", "a", "--mask", "m", "--out", "o", "--cfg-until", "5", "--variant", "ft_ffhq"])
     assert (args.cfg_until, args.variant, args.weights, args.vae) == (5, "ft_ffhq", None, None)
-    for bad in (["--seed", "-2"], ["--mask-dilate", "-1"], ["--cfg-until", "-1"], ["--variant", "ft_ffhq", "--weights", "w"]):
+    for bad in (["--seed", "-2"], ["--mask-dilate", "-1"], ["--cfg-until", "-1"], ["--variant", "ft_pets"]):
         with pytest.raises(SystemExit):
             infer.parse_args(["--image", "a", "--mask", "m", "--out", "o", *bad])
+    assert infer.main(["--image", str(image), "--mask", str(mask), "--out", str(tmp_path / "x.png"),
+                       "--variant", "ft_ffhq", "--weights", str(WEIGHTS)]) == 1  # which student? refused

@@ -163,9 +163,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="short side the model runs at (default: the benchmark's)")
     add_metric_args(p)
     args = p.parse_args(argv)
-    if args.variant and args.weights:
-        p.error("--variant picks released weights; it cannot be combined with --weights")
-    args.weights = args.weights or hub.student_weights(args.variant or "pretrained")
+    try:
+        args.weights = hub.student_choice(args.weights, args.variant)
+    except ValueError as e:
+        p.error(str(e))
     args.vae = args.vae or hub.DEFAULT_VAE
     return args
 

@@ -120,11 +120,12 @@ class InpaintPipeline:
         dtype: str = "float32",
         resolution: int | None = None,
         *,
-        variant: str = "pretrained",
+        variant: str | None = None,
         compile_cache: str | os.PathLike | None = None,
     ) -> InpaintPipeline:
         """Load the student and the VAE: local paths or Hugging Face ids; by default the
-        released student `variant` (`hub.VARIANTS`) and VAE, fetched and converted once.
+        released student `variant` (`hub.VARIANTS`, default "pretrained") and VAE, fetched
+        and converted once.
 
         `config` defaults to the one saved with converted weights, else the paper's model
         (`configs/moebius.yaml`); `resolution` to its image size. JAX's persistent compilation
@@ -132,8 +133,8 @@ class InpaintPipeline:
         """
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        weights = hub.student_choice(weights, variant)
         runtime.enable_compilation_cache(compile_cache)
-        weights = hub.student_weights(variant) if weights is None else weights
         vae = hub.DEFAULT_VAE if vae is None else vae
         if config is None:
             saved = pathlib.Path(weights) / CONFIG_FILE
