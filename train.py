@@ -6,7 +6,8 @@
 Any config field can be overridden as key=value (dotted for nested sections, values parsed as
 YAML). The workdir receives checkpoints/, metrics.jsonl, tensorboard/, samples/ and the
 resolved config.yaml. The device mesh comes from mesh.data / mesh.fsdp; on multi-host TPU
-slices pass --distributed (or set JAX's coordinator environment variables).
+slices pass --distributed (or set JAX's coordinator environment variables). Compiled programs
+go to JAX's persistent cache (MOEBIUS_JAX_COMPILE_CACHE=DIR to move it, =off to disable).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.distributed:
         jax.distributed.initialize()
+    from moebius_jax.runtime import enable_compilation_cache
+
+    enable_compilation_cache()  # a restart (resume, preemption) reloads its compiled step
     from moebius_jax.train.config import load_train_config
     from moebius_jax.train.loop import Trainer
 

@@ -349,7 +349,8 @@ def format_report(ins: Inspection) -> str:
     return "\n".join(lines)
 
 
-def _resolution(text: str) -> int | tuple[int, int]:
+def parse_resolution(text: str) -> int | tuple[int, int]:
+    """`512` -> 512, `512x768` -> (512, 768) (height x width)."""
     if "x" in text:
         h, w = text.lower().split("x")
         return int(h), int(w)
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moebius_jax.inspect_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="model YAML (reference schema, optionally with levels: overrides)")
-    parser.add_argument("--resolution", type=_resolution, default=512, help="image side, or HxW (default 512)")
+    parser.add_argument("--resolution", type=parse_resolution, default=512, help="image side, or HxW (default 512)")
     parser.add_argument("--batch", type=int, default=1, help="images per CFG step; the forward runs 2x this")
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="parameters only (seconds)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",

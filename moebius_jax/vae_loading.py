@@ -7,7 +7,9 @@
     whose VAE sits under `first_stage_model.`. Such files carry no config: pass `config=`
     (a config.json path, a folder holding one, a dict or a VaeConfig); the default is the
     SD 1.x VAE (`SD_VAE_CONFIG`, scaling_factor 0.18215) — pass the SDXL config for SDXL;
-  * a folder written by `save_vae` (orbax variables + config.json).
+  * a folder written by `save_vae` (orbax variables + config.json);
+  * a Hugging Face id of a diffusers folder or an LDM file (`moebius_jax.hub`, e.g.
+    `hub.DEFAULT_VAE`), fetched once and converted once into the local cache.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from moebius_jax import hub
 from moebius_jax.convert import keymap as km
 from moebius_jax.convert.errors import CheckpointError
 from moebius_jax.convert.orbax_io import is_orbax_dir, restore_variables, save_variables
@@ -31,8 +34,6 @@ from moebius_jax.models.vae import SD_VAE_CONFIG, AutoencoderKL, VaeConfig
 PathLike = str | os.PathLike
 
 CONFIG_FILE = "config.json"
-# diffusers' from_pretrained lookup order.
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 def load_vae_config(config: PathLike | Mapping[str, Any] | VaeConfig | None) -> VaeConfig:
@@ -70,11 +71,11 @@ def vae_variables_from_state(
 
 
 def _weights_file(folder: pathlib.Path) -> pathlib.Path:
-    for name in WEIGHT_FILES:
+    for name in hub.WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
     raise CheckpointError(
-        f"{folder}: not a VAE folder: expected {' or '.join(WEIGHT_FILES)} (diffusers) "
+        f"{folder}: not a VAE folder: expected {' or '.join(hub.WEIGHT_FILES)} (diffusers) "
         "or variables/ (written by save_vae)"
     )
 
@@ -82,11 +83,14 @@ def _weights_file(folder: pathlib.Path) -> pathlib.Path:
 def load_vae(
     path: PathLike, *, config: PathLike | Mapping[str, Any] | VaeConfig | None = None, dtype: Any = None
 ) -> tuple[AutoencoderKL, dict[str, Any]]:
-    """Build the VAE and its variables from a diffusers folder, an LDM file or a `save_vae` folder.
+    """Build the VAE and its variables from a diffusers folder, an LDM file, a `save_vae` folder
+    or a Hugging Face id of the first two.
 
     `config` overrides the folder's config.json and is the only config source for an LDM
     file (default: the SD 1.x VAE). `dtype` is the compute dtype; parameters stay float32.
     """
+    if hub.is_hub_id(path):
+        return _load_hub_vae(os.fspath(path), config, dtype)
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"VAE weights not found: {path}")
@@ -101,6 +105,22 @@ def load_vae(
     else:
         vae = AutoencoderKL(load_vae_config(config), dtype=dtype)
         variables = vae_variables_from_state(read_state_dict(path), vae, str(path))
+    return vae, jax.tree.map(jnp.asarray, variables)
+
+
+def _load_hub_vae(spec: str, config: PathLike | Mapping[str, Any] | VaeConfig | None, dtype: Any
+                  ) -> tuple[AutoencoderKL, dict[str, Any]]:
+    """A Hub diffusers folder (config.json + weights) or LDM file, converted once into the cache."""
+    if pathlib.PurePosixPath(spec).suffix:  # one LDM file: no config.json beside it
+        weights = hub.fetch(spec)
+    else:
+        if config is None:
+            config = hub.fetch(f"{spec.rstrip('/')}/{CONFIG_FILE}")
+        weights = hub.fetch(spec, hub.WEIGHT_FILES)
+    vae = AutoencoderKL(load_vae_config(config), dtype=dtype)
+    variables = hub.converted_variables(
+        [weights], "vae", lambda: vae_variables_from_state(read_state_dict(weights), vae, str(weights)),
+        abstract_vae_variables(vae))
     return vae, jax.tree.map(jnp.asarray, variables)
 
 

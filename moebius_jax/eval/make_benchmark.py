@@ -38,8 +38,7 @@ from moebius_jax.eval.benchmark import (
     IMAGES, MANIFEST, MASKS, BenchmarkError, Manifest, Pair, crop_and_resize, image_path, mask_path, positive_int,
     write_manifest)
 from moebius_jax.pipeline.image_io import load_image, load_mask
-from moebius_jax.pipeline.inpaint import MIN_SIDE
-from moebius_jax.pipeline.preprocess import binarize_mask
+from moebius_jax.pipeline.preprocess import MIN_SIDE, binarize_mask
 
 log = logging.getLogger(__name__)
 

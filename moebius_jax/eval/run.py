@@ -1,11 +1,12 @@
 """Inpaint a benchmark folder and score it: predictions, metrics.json and a table in the paper's layout.
 
-    python -m moebius_jax.eval.run --weights W --vae V [--config C] --benchmark BENCH --out OUT \\
+    python -m moebius_jax.eval.run [--weights W --vae V | --variant V] [--config C] --benchmark BENCH --out OUT \\
         [--fid-weights pt_inception-2015-12-05-6726825d.pth] [--lpips-backbone alexnet-owt-7be5be79.pth] \\
         [--steps 20] [--cfg 2.5] [--seed 0] [--batch-size 8] [--model-resolution R] [--limit N]
 
 Writes OUT/pred/<stem>.png, OUT/run.json (the inference settings), OUT/metrics.json and
-OUT/metrics.md, and prints the table (see `moebius_jax.eval.score` for the metrics).
+OUT/metrics.md, and prints the table (see `moebius_jax.eval.score` for the metrics). Without
+--weights/--vae the released student (--variant) and VAE come from the Hugging Face Hub.
 
 Resuming. Each prediction is written as soon as its batch is done, atomically (a temporary
 file renamed when complete). A rerun keeps every prediction that is a valid RGB PNG of the
@@ -37,11 +38,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from moebius_jax import hub, runtime
 from moebius_jax.convert.torch_pickle import atomic_output
 from moebius_jax.eval.benchmark import Pair, positive_int, read_manifest
 from moebius_jax.eval.score import (
     add_metric_args, load_metric_nets, manifest_info, result_record, score_pairs, write_results)
-from moebius_jax.pipeline.inpaint import DTYPES, MIN_SIDE, InpaintPipeline, Timing
+from moebius_jax.pipeline.inpaint import DTYPES, InpaintPipeline, Timing
+from moebius_jax.pipeline.preprocess import MIN_SIDE
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class RunError(ValueError):
 def run_settings(args: argparse.Namespace, resolution: int) -> dict[str, Any]:
     """Everything that decides the predictions (paths resolved, so a rerun from elsewhere matches)."""
     def resolved(path: str | None) -> str | None:
-        return None if path is None else str(pathlib.Path(path).expanduser().resolve())
+        return None if path is None else hub.canonical(path)
 
     return {
         "weights": resolved(args.weights), "vae": resolved(args.vae), "config": resolved(args.config),
@@ -137,8 +140,13 @@ def inpaint(pipe: InpaintPipeline, root: pathlib.Path, pairs: Sequence[Pair], pr
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="student weights: .bin / .safetensors / EMA file or converted dir")
-    p.add_argument("--vae", required=True, help="VAE: diffusers folder, LDM file or converted dir")
+    p.add_argument("--weights", default=None,
+                   help="student weights: .bin / .safetensors / EMA file, converted dir or Hugging Face id "
+                        "(default: the released --variant)")
+    p.add_argument("--variant", choices=hub.VARIANTS, default=None,
+                   help="released student to fetch when --weights is not given (default: pretrained)")
+    p.add_argument("--vae", default=None,
+                   help=f"VAE: diffusers folder, LDM file, converted dir or Hugging Face id (default: {hub.DEFAULT_VAE})")
     p.add_argument("--config", default=None,
                    help="model YAML (default: saved with the weights, else configs/moebius.yaml)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -154,12 +162,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--model-resolution", type=positive_int, default=None,
                    help="short side the model runs at (default: the benchmark's)")
     add_metric_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.weights = hub.student_choice(args.weights, args.variant)
+    except ValueError as e:
+        p.error(str(e))
+    args.vae = args.vae or hub.DEFAULT_VAE
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    runtime.enable_compilation_cache()
     root, out = pathlib.Path(args.benchmark), pathlib.Path(args.out)
     pred_dir = out / PRED
     try:
