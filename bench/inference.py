@@ -147,12 +147,23 @@ def _student_inputs(config: str, latent: int, batch: int) -> tuple[np.ndarray, .
     return sample, np.array([CFG_TIMESTEP], np.int32), cfg_ids(cfg, batch)
 
 
-def student_forward(config: str, latent: int, batch: int, dtype: str) -> Program:
+def as_dtype(variables: Any, dtype: str) -> Any:
+    """Floating variables (arrays or abstract values) in `dtype`, as a caller that casts the
+    parameters once, not in every layer, passes them."""
+    def cast(x: Any) -> Any:
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.dtype(dtype):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(dtype)
+
+    return jax.tree.map(cast, variables)
+
+
+def student_forward(config: str, latent: int, batch: int, dtype: str, param_dtype: str = "float32") -> Program:
     """One UNet call on a CFG batch (as in every sampler step), eval mode; returns the noise."""
     inputs = _student_inputs(config, latent, batch)
-    return Program(jax.jit(_student_forward_fn(config, dtype)).lower,
-                   (model_abstract(config)[1], *shapes(inputs)),
-                   lambda: (model_variables(config), *inputs))
+    return Program(jax.jit(_student_forward_fn(config, dtype)).trace,
+                   (as_dtype(model_abstract(config)[1], param_dtype), *shapes(inputs)),
+                   lambda: (as_dtype(model_variables(config), param_dtype), *inputs))
 
 
 def _vae_fn(config: str, method: str, dtype: str, **kwargs: Any) -> Callable[..., Any]:
@@ -170,7 +181,8 @@ def _vae_input(config: str, method: str, side: int, batch: int = 1) -> np.ndarra
     return rng.standard_normal((batch, latent, latent, cfg.latent_channels), np.float32)
 
 
-def vae(config: str, method: str, side: int, dtype: str = "float32", **kwargs: Any) -> Program:
+def vae(config: str, method: str, side: int, dtype: str = "float32", param_dtype: str = "float32",
+        **kwargs: Any) -> Program:
     """`AutoencoderKL.<method>` on one image of `side` pixels (kwargs: tile / overlap)."""
     x = _vae_input(config, method, side)
     flops = None
@@ -180,15 +192,19 @@ def vae(config: str, method: str, side: int, dtype: str = "float32", **kwargs: A
         tiles = len(tile_starts(side // factor, kwargs["tile"], kwargs["overlap"])) ** 2
         tile = shapes(_vae_input(config, "decode", kwargs["tile"] * factor))
         flops = tiles * lowered_flops(_vae_fn(config, "decode", dtype), vae_abstract(config), tile)
-    return Program(jax.jit(_vae_fn(config, method, dtype, **kwargs)).lower, (vae_abstract(config), shapes(x)),
-                   lambda: (vae_variables(config), x), flops)
+    return Program(jax.jit(_vae_fn(config, method, dtype, **kwargs)).trace,
+                   (as_dtype(vae_abstract(config), param_dtype), shapes(x)),
+                   lambda: (as_dtype(vae_variables(config), param_dtype), x), flops)
 
 
-def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = PIPELINE_STEPS) -> Program:
-    """The whole sampler program (encode x2, DDIM + CFG loop, decode) in float32, as `Sampler` compiles it."""
+def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = PIPELINE_STEPS,
+             dtype: str = "float32") -> Program:
+    """The whole sampler program (encode x2, DDIM + CFG loop, decode) at a compute dtype, as
+    `Sampler` compiles it (parameters as loaded: float32)."""
     cfg, unet_abstract = model_abstract(student)
     vae_cfg = VAE_CONFIGS[vae_config]
-    sampler = Sampler(build_model(cfg)[0], AutoencoderKL(vae_cfg), cfg.unet.num_embeddings)
+    sampler = Sampler(build_model(cfg, compute_dtype(dtype))[0], AutoencoderKL(vae_cfg, dtype=compute_dtype(dtype)),
+                      cfg.unet.num_embeddings)
     settings = SamplerSettings(num_steps=steps)
     factor = vae_cfg.downsample_factor
     latent = side // factor
@@ -204,17 +220,17 @@ def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = 
     # The denoising loop is a scan: sum its parts' counts (two encodes, the steps, one decode).
     num_steps = len(ddim_timesteps(steps, settings.strength))
     step_inputs = shapes(_student_inputs(student, latent, 2 * batch))
-    flops = (2 * lowered_flops(_vae_fn(vae_config, "encode", "float32"), vae_abstract(vae_config),
+    flops = (2 * lowered_flops(_vae_fn(vae_config, "encode", dtype), vae_abstract(vae_config),
                                shapes(_vae_input(vae_config, "encode", side, batch)))
-             + num_steps * lowered_flops(_student_forward_fn(student, "float32"), unet_abstract, *step_inputs)
-             + lowered_flops(_vae_fn(vae_config, "decode", "float32"), vae_abstract(vae_config),
+             + num_steps * lowered_flops(_student_forward_fn(student, dtype), unet_abstract, *step_inputs)
+             + lowered_flops(_vae_fn(vae_config, "decode", dtype), vae_abstract(vae_config),
                              shapes(_vae_input(vae_config, "decode", side, batch))))
 
-    def lower(*abstract_args: Any) -> jax.stages.Lowered:
+    def trace(*abstract_args: Any) -> jax.stages.Traced:
         # Sampler has no public lowering hook; its jitted program is what __call__ compiles.
-        return sampler._jitted.lower(*abstract_args, settings=settings)
+        return sampler._jitted.trace(*abstract_args, settings=settings)
 
-    return Program(lower, (unet_abstract, vae_abstract(vae_config), *shapes(inputs)),
+    return Program(trace, (unet_abstract, vae_abstract(vae_config), *shapes(inputs)),
                    lambda: (model_variables(student), vae_variables(vae_config), *inputs), flops)
 
 
