@@ -29,6 +29,7 @@ from moebius_jax.convert.errors import CheckpointError
 from moebius_jax.convert.orbax_io import is_orbax_dir, restore_variables, save_variables
 from moebius_jax.convert.state_dict import read_state_dict
 from moebius_jax.convert.vae_keys import VAE_KEYMAP, normalise_vae_state
+from moebius_jax.errors import ConfigError
 from moebius_jax.models.vae import SD_VAE_CONFIG, AutoencoderKL, VaeConfig
 
 PathLike = str | os.PathLike
@@ -49,7 +50,10 @@ def load_vae_config(config: PathLike | Mapping[str, Any] | VaeConfig | None) -> 
         path = path / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"VAE config not found: {path}")
-    return VaeConfig.from_dict(json.loads(path.read_text()))
+    try:
+        return VaeConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, AttributeError) as e:  # invalid JSON, unsupported or mistyped fields
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def abstract_vae_variables(vae: AutoencoderKL) -> dict[str, Any]:
