@@ -28,7 +28,6 @@ from moebius_jax.train.optimizer import (
     make_schedule,
     torch_global_norm,
 )
-from moebius_jax.train.schedules import constant_with_warmup, cosine_with_warmup
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -246,21 +245,29 @@ def test_clip_differs_from_optax_at_the_threshold():
 # -- schedules ------------------------------------------------------------------------------------
 
 
+def _schedule(**fields) -> optax.Schedule:
+    return make_schedule(OptimizerConfig(**fields))
+
+
 def test_constant_with_warmup():
     steps = jnp.array([0, 1, 1000])
-    np.testing.assert_allclose(constant_with_warmup(1e-4)(steps), [1e-4] * 3, rtol=1e-7)
-    schedule = jax.jit(constant_with_warmup(1e-4, warmup_steps=10))
+    np.testing.assert_allclose(_schedule(learning_rate=1e-4)(steps), [1e-4] * 3, rtol=1e-7)
+    schedule = jax.jit(_schedule(learning_rate=1e-4, warmup_steps=10))
     got = [float(schedule(s)) for s in (0, 1, 5, 9, 10, 11, 500)]
     np.testing.assert_allclose(got, [0, 1e-5, 5e-5, 9e-5, 1e-4, 1e-4, 1e-4], rtol=1e-6)
 
 
 def test_cosine_with_warmup():
-    schedule = jax.jit(cosine_with_warmup(1e-4, warmup_steps=10, total_steps=110, min_lr=1e-5))
+    schedule = jax.jit(_schedule(schedule="cosine", learning_rate=1e-4, warmup_steps=10, total_steps=110,
+                                 min_lr=1e-5))
     steps = (0, 5, 10, 35, 60, 110, 300)
     expected = [0, 5e-5, 1e-4, 1e-5 + 9e-5 * 0.5 * (1 + math.cos(math.pi / 4)), 5.5e-5, 1e-5, 1e-5]
     np.testing.assert_allclose([float(schedule(s)) for s in steps], expected, rtol=1e-6, atol=1e-12)
-    plain = cosine_with_warmup(2e-4, 0, 100)  # min_lr 0: diffusers' cosine
+    plain = _schedule(schedule="cosine", learning_rate=2e-4, total_steps=100)  # min_lr 0: diffusers' cosine
+    np.testing.assert_allclose(float(plain(0)), 2e-4, rtol=1e-6)
     np.testing.assert_allclose(float(plain(25)), 2e-4 * 0.5 * (1 + math.cos(math.pi * 0.25)), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"total_steps \(10\) must exceed warmup_steps \(10\)"):
+        OptimizerConfig(schedule="cosine", warmup_steps=10, total_steps=10)
 
 
 # -- EMA -----------------------------------------------------------------------------------------
@@ -302,7 +309,7 @@ def test_default_config_is_the_reference():
     config = OptimizerConfig()
     assert dataclasses.astuple(config)[:11] == (
         "muon", 1e-4, 0.1, 0.95, True, 5, (0.9, 0.95), 1e-8, 1.0, "constant_with_warmup", 0)
-    assert float(make_schedule(config)(12345)) == np.float32(1e-4)
+    assert np.float32(make_schedule(config)(12345)) == np.float32(1e-4)
     with pytest.raises(ValueError):
         OptimizerConfig(name="sgd")
 
