@@ -14,8 +14,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moebius_jax.convert.keymap import KeyMap
-from moebius_jax.convert.maps import UNET_KEYMAP
 from moebius_jax.train.muon import muon, muon_param_labels
 
 
@@ -92,13 +90,10 @@ def make_schedule(config: OptimizerConfig) -> optax.Schedule:
     return optax.warmup_constant_schedule(0.0, lr, warmup)
 
 
-def make_optimizer(
-    config: OptimizerConfig, params: optax.Params, keymap: KeyMap = UNET_KEYMAP
-) -> optax.GradientTransformation:
+def make_optimizer(config: OptimizerConfig, params: optax.Params) -> optax.GradientTransformation:
     """clip (torch rule) → Muon or AdamW on the schedule. Emits complete updates.
 
-    `params` (the "params" collection; arrays or shapes) fixes Muon's split up front, so an
-    unmapped leaf fails here. "adamw" is optax.adamw with the config's betas, eps and weight
+    `params` (the "params" collection; arrays or shapes) fixes Muon's split up front. "adamw" is optax.adamw with the config's betas, eps and weight
     decay on every parameter (torch AdamW semantics, eps after bias correction).
     """
     schedule = make_schedule(config)
@@ -111,8 +106,7 @@ def make_optimizer(
             ns_steps=config.ns_steps,
             adamw_betas=config.adamw_betas,
             adamw_eps=config.adamw_eps,
-            param_labels=muon_param_labels(params, keymap),
-            keymap=keymap,
+            param_labels=muon_param_labels(params),
         )
     else:
         b1, b2 = config.adamw_betas
