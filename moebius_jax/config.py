@@ -15,7 +15,9 @@ Variants are data: besides the reference's keys, the `model:` section may hold
     mid_level: {self_mixer: linear_attention}   # teacher only (it has a mid block)
 
 Override fields are LevelConfig's: channels, attention, self_mixer, cross_mixer,
-feed_forward, ff_mult, transformer_depth. A file without them reads exactly as before.
+feed_forward, ff_mult, transformer_depth and mixer_options ({mixer name: {option: value}}).
+The mixer names and their options are those of the registry in `moebius_jax.layers.mixers`.
+A file without these keys reads exactly as before.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
+from flax.core import FrozenDict
+
+from moebius_jax.layers import mixers
 
 # The shipped model configs (reference schema) live at the top of the source tree.
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -34,9 +39,6 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 STUDENT_MODEL_TYPE = "UNet2DLambdaDWConvMixFFNConditionModel_prune_down_mid_up_block_8x8"
 TEACHER_MODEL_TYPE = "UNet2DGLAConditionModel"
 
-SELF_MIXERS = ("local_lambda", "global_lambda", "attention", "linear_attention", "gla", "none")
-CROSS_MIXERS = ("cross_lambda", "attention", "none")
-FEED_FORWARDS = ("mix_ffn", "geglu")
 CONV_KINDS = ("dwsep", "dense")
 
 
@@ -51,6 +53,12 @@ class LevelConfig:
     feed_forward: str = "mix_ffn"
     transformer_depth: int = 1
     ff_mult: float | None = None  # FFN hidden = int(ff_mult * channels); None: 2.5 (Mix-FFN) / 4 (GEGLU)
+    # {mixer name: {option: value}} for the mixers this level uses; unset options keep the
+    # mixer's defaults. Frozen, so that configs (and the modules holding them) stay hashable.
+    mixer_options: Mapping[str, Mapping[str, Any]] = FrozenDict()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mixer_options", FrozenDict(self.mixer_options))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +84,6 @@ class UNetConfig:
     norm_eps: float = 1e-5
     transformer_norm_eps: float = 1e-6
     mix_mlp_ratio: float = 2.5
-    lambda_kernel_size: int = 15
 
     @property
     def block_out_channels(self) -> tuple[int, ...]:
@@ -125,22 +132,27 @@ def _validate_level(unet: UNetConfig, level: LevelConfig, where: str) -> None:
         raise ValueError(f"{where} channels={c}: must be positive")
     if c % unet.norm_num_groups:
         raise ValueError(f"{where} channels={c}: not divisible by norm_num_groups {unet.norm_num_groups}")
-    for field, value, allowed in (
-        ("self_mixer", level.self_mixer, SELF_MIXERS),
-        ("cross_mixer", level.cross_mixer, CROSS_MIXERS),
-        ("feed_forward", level.feed_forward, FEED_FORWARDS),
-    ):
-        if value not in allowed:
-            raise ValueError(f"{where} {field}={value!r}: not one of {allowed}")
+    used = []
+    for slot in mixers.SLOTS:
+        try:
+            mixer = mixers.lookup(slot, getattr(level, slot))
+        except ValueError as e:
+            raise ValueError(f"{where} {e}") from None
+        used += [] if mixer is None else [mixer]
     if not level.attention:
         return  # a resnet-only level: its mixer fields are never used
-    if c % unet.num_heads:
-        raise ValueError(f"{where} channels={c}: not divisible by num_heads {unet.num_heads}")
-    if level.self_mixer == "gla" and (c // 2) % unet.num_heads:
-        # GLA's keys are half as wide as the tokens (expand_k 0.5) and split into the same heads.
-        raise ValueError(
-            f"{where} self_mixer='gla': key width channels/2={c // 2} not divisible by num_heads {unet.num_heads}"
-        )
+    names = [mixer.name for mixer in used]
+    for name in level.mixer_options:
+        if name not in names:
+            raise ValueError(f"{where} mixer_options.{name}: this level uses no {name!r} (it uses {', '.join(names)})")
+    for mixer in used:
+        try:
+            options = mixer.options(level)
+        except ValueError as e:
+            raise ValueError(f"{where} {e}") from None
+        problem = mixer.check(unet, level, options) if mixer.check else None
+        if problem:
+            raise ValueError(f"{where} {mixer.slot}={mixer.name!r}: {problem}")
     if level.transformer_depth < 1:
         raise ValueError(f"{where} transformer_depth={level.transformer_depth}: need at least one block")
     if level.ff_mult is not None and int(level.ff_mult * c) < 1:
@@ -277,9 +289,10 @@ _OVERRIDE_TYPES: dict[str, tuple[type, ...]] = {
     "feed_forward": (str,),
     "ff_mult": (int, float),
     "transformer_depth": (int,),
+    "mixer_options": (Mapping,),
 }
 # The fields that only mean something inside a transformer (a level with attention: true).
-_TRANSFORMER_FIELDS = {"self_mixer", "cross_mixer", "feed_forward", "ff_mult", "transformer_depth"}
+_TRANSFORMER_FIELDS = {"self_mixer", "cross_mixer", "feed_forward", "ff_mult", "transformer_depth", "mixer_options"}
 
 
 def _override_level(
