@@ -183,13 +183,13 @@ class ModelConfig:
         return self.model_type == TEACHER_MODEL_TYPE
 
 
-# Keys of the reference's `model:` section that carry no information for the network
-# (they configure paths the reference never takes); accepted and ignored.
-_IGNORED_MODEL_KEYS = {
+# Keys of the reference's `model:` section that the readers below interpret besides the
+# network-wide fields of `_common_unet_fields` (block types and the reference's switches
+# choose the levels' mixers; attention_head_dim is the head count).
+_READ_MODEL_KEYS = {
     "model_type",
-    "encoder_hid_dim_type",  # always text_proj here: a Linear encoder_hid_dim -> cross_attention_dim
-    "projection_class_embeddings_input_dim",  # unused by the reference (no class embedding)
-    "conv_in_kernel",
+    "encoder_hid_dim_type",  # must be text_proj: a Linear encoder_hid_dim -> cross_attention_dim
+    "conv_in_kernel",  # must be 3, as in every released config
     "conv_out_kernel",
     "down_block_types",
     "up_block_types",
@@ -198,7 +198,11 @@ _IGNORED_MODEL_KEYS = {
     "use_local_self_attn",
     "attention_head_dim",
     "block_out_channels",
-    "mix_mlp_ratio",
+    "mix_mlp_ratio",  # the student's Mix-FFN width ratio
+}
+# Keys the reference's files carry that fix nothing in the network: accepted and ignored.
+_IGNORED_MODEL_KEYS = {
+    "projection_class_embeddings_input_dim",  # the reference has no class embedding to project
 }
 # Our extension of the schema (variants): read by `override_levels`, absent from reference files.
 _VARIANT_KEYS = {"levels", "mid_level"}
@@ -272,11 +276,14 @@ def _common_unet_fields(model: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("layers_per_block", "norm_num_groups", "norm_eps"):
         if key in model:
             fields[key] = model[key]
-    unknown = set(model) - _IGNORED_MODEL_KEYS - _VARIANT_KEYS - set(fields)
+    unknown = set(model) - _READ_MODEL_KEYS - _IGNORED_MODEL_KEYS - _VARIANT_KEYS - set(fields)
     if unknown:
         raise ValueError(f"unknown model config key(s): {sorted(unknown)}")
     if model.get("encoder_hid_dim_type", "text_proj") != "text_proj":
         raise ValueError("only encoder_hid_dim_type: text_proj is supported")
+    for key in ("conv_in_kernel", "conv_out_kernel"):
+        if model.get(key, 3) != 3:
+            raise ValueError(f"{key} {model[key]}: only 3 is supported")
     return fields
 
 
