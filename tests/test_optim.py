@@ -21,7 +21,14 @@ from flax import traverse_util
 
 from moebius_jax import loading
 from moebius_jax.train.ema import EmaState, ema_init, ema_update
-from moebius_jax.train.muon import ADAMW_MODULES, muon, muon_param_labels, newton_schulz5, orthogonalized_update, torch_axes
+from moebius_jax.train.muon import (
+    ADAMW_MODULES,
+    muon,
+    muon_param_labels,
+    newton_schulz5,
+    orthogonalized_update,
+    torch_axes,
+)
 from moebius_jax.train.optimizer import (
     OptimizerConfig,
     clip_by_global_norm_torch,
