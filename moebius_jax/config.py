@@ -392,18 +392,24 @@ def load_config(config: str | os.PathLike | Mapping[str, Any] | ModelConfig) -> 
         return config
     if isinstance(config, Mapping):
         return config_from_dict(config)
-    path = os.fspath(config)
+    raw = read_config_file(config)
+    try:
+        return config_from_dict(raw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{os.fspath(config)}: {e}") from e
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A model YAML's content, unvalidated but checked to be a mapping."""
+    path = os.fspath(path)
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"model config not found: {path}") from None
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a YAML mapping with data/vae/model sections")
-    try:
-        return config_from_dict(raw)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from e
+    return raw
 
 
 def default_model_config() -> pathlib.Path:

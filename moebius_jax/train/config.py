@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from moebius_jax.config import load_config
+from moebius_jax.config import load_config, read_config_file
 from moebius_jax.train.optimizer import OptimizerConfig
 
 
@@ -208,16 +208,7 @@ _MODEL_SECTIONS = ("data", "vae", "model")
 
 def read_model(model: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """The content of a TrainConfig's `model` (read from the file when it is a path)."""
-    if isinstance(model, Mapping):
-        return copy.deepcopy(dict(model))
-    path = pathlib.Path(model)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model config not found: {path}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a YAML mapping with data/vae/model sections")
-    return raw
+    return copy.deepcopy(dict(model)) if isinstance(model, Mapping) else read_config_file(model)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
