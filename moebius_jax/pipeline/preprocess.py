@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from moebius_jax import latents
 from moebius_jax.pipeline.image_io import ImageSource, load_image, load_mask
 
 # The UNet downsamples by 64 in total; the VAE alone by 8.
@@ -81,8 +82,7 @@ def prepare(image: ImageSource, mask: ImageSource, resolution: int = 512) -> Pre
     mask_bin = ((resized_mask / 255.0).astype(np.float32) >= 0.5).astype(np.uint8)[..., None]
     # A product, not a select: negative pixels become -0.0 exactly as in the reference.
     masked_image = image_f * (1 - mask_bin)
-    # PyTorch's legacy "nearest" picks the top-left pixel of each 8×8 cell.
-    latent_mask = mask_bin[::LATENT_DOWNSAMPLE, ::LATENT_DOWNSAMPLE].astype(np.float32)
+    latent_mask = latents.latent_mask(mask_bin, LATENT_DOWNSAMPLE).astype(np.float32)
 
     arrays = dict(resized_image=resized_image, resized_mask=resized_mask, image=image_f,
                   mask=mask_bin, masked_image=masked_image, latent_mask=latent_mask)
