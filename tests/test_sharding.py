@@ -95,7 +95,8 @@ def test_print_shardings_on_8_devices():
     # The first matching rule decides: replicate (rule 0), an explicit spec (rule 1), the fsdp
     # rule (largest divisible dimension, arrays of at least 4096 elements).
     assert rows[block + "inverted_conv/kernel"] == ["(1, 1, 64, 320)", "float32", "P()"]
-    assert rows["params/diff_model/conv_in/conv_pw/kernel"] == ["(1, 1, 9, 32)", "float32", "P(None, None, None, 'fsdp')"]
+    assert rows["params/diff_model/conv_in/conv_pw/kernel"] == \
+        ["(1, 1, 9, 32)", "float32", "P(None, None, None, 'fsdp')"]
     assert rows[block + "point_conv/kernel"][2] == "P(None, None, 'fsdp', None)"
     assert rows["params/diff_model/conv_in/bn1/scale"][2] == "P()"
     sharded = [path for path, (_, _, spec) in rows.items() if "fsdp" in spec]

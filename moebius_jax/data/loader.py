@@ -139,9 +139,9 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     """
 
     def __init__(
-        self, batches: grain.MapDataset, settings: dict[str, int], num_workers: int, step: int = 0
+        self, dataset: grain.MapDataset, settings: dict[str, int], num_workers: int, step: int = 0
     ) -> None:
-        self.batches = batches
+        self.dataset = dataset  # batch t is dataset[t]
         self.settings = settings  # what the position is only valid with (seed, sizes, sharding)
         self.num_workers = _check_int("num_workers", num_workers, 0)
         self._step = _check_int("step", step, 0)
@@ -149,7 +149,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
 
     def _start(self, step: int) -> grain.DatasetIterator:
         # No in-process threads: parallelism is the worker processes (the work is GIL-bound).
-        dataset = self.batches[step:].to_iter_dataset(
+        dataset = self.dataset[step:].to_iter_dataset(
             grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
         )
         if self.num_workers > 0:
