@@ -23,7 +23,7 @@ from moebius_jax.config import ModelConfig
 from moebius_jax.latents import guidance_task_ids, latent_mask
 from moebius_jax.loading import abstract_variables, build_model
 from moebius_jax.models.vae import SD_VAE_CONFIG, AutoencoderKL, VaeConfig, tile_starts
-from moebius_jax.pipeline.sampler import Sampler, SamplerNoise, SamplerSettings
+from moebius_jax.pipeline.sampler import ALWAYS_GUIDE, Sampler, SamplerNoise, SamplerSettings
 from moebius_jax.schedulers import ddim_timesteps
 from moebius_jax.vae_loading import abstract_vae_variables
 
@@ -193,7 +193,7 @@ def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = 
                                                        vae_cfg.latent_channels))
     inputs = (image, np.where(pixel_mask, 0.0, image).astype(np.float32),
               latent_mask(pixel_mask, factor).astype(np.float32), noise,
-              np.float32(GUIDANCE_SCALE), np.float32(NOISE_OFFSET))
+              np.float32(GUIDANCE_SCALE), np.float32(NOISE_OFFSET), np.int32(ALWAYS_GUIDE))
 
     # The denoising loop is a scan: sum its parts' counts (two encodes, the steps, one decode).
     num_steps = len(ddim_timesteps(steps, settings.strength))

@@ -26,7 +26,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import yaml
+from moebius_jax.errors import ConfigError, read_yaml
 
 # The shipped model configs (reference schema) live at the top of the source tree.
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -342,11 +342,45 @@ def override_levels(
     return variant
 
 
-def config_from_dict(raw: Mapping[str, Any], num_embeddings: int = 20) -> ModelConfig:
-    """Build a ModelConfig from the reference's YAML schema (a parsed dict)."""
+# Numeric fields of the reference schema, checked before use so that a wrong type is reported
+# with its field and value (not as a failed comparison deep inside the build).
+_INT_FIELDS = (("data", "image_size"), ("vae", "downsample_ratio"), ("vae", "embed_dim"),
+               ("model", "in_channels"), ("model", "out_channels"), ("model", "attention_head_dim"),
+               ("model", "cross_attention_dim"), ("model", "encoder_hid_dim"), ("model", "layers_per_block"),
+               ("model", "norm_num_groups"))
+_NUMBER_FIELDS = (("model", "norm_eps"), ("model", "mix_mlp_ratio"))
+_INT_LIST_FIELDS = (("model", "block_out_channels"),)
+
+
+def _check_field_types(raw: Mapping[str, Any]) -> None:
+    """Raise ConfigError naming the field and value of the first section or number of the wrong type."""
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)  # YAML `true` is no count
+
     for section in ("data", "vae", "model"):
         if section not in raw:
-            raise ValueError(f"model config lacks the `{section}:` section")
+            raise ConfigError(f"model config lacks the `{section}:` section")
+        if not isinstance(raw[section], Mapping):
+            raise ConfigError(f"expected a mapping, got {raw[section]!r}", field=(section,))
+    for fields, ok, expected in ((_INT_FIELDS, is_int, "an integer"),
+                                 (_NUMBER_FIELDS, lambda v: is_int(v) or isinstance(v, float), "a number")):
+        for section, key in fields:
+            value = raw[section].get(key, 0)
+            if not ok(value):
+                hint = " (YAML reads 1e-5 without a dot as text: write 1.0e-5)" if isinstance(value, str) else ""
+                raise ConfigError(f"expected {expected}, got {value!r}{hint}", field=(section, key))
+    for section, key in _INT_LIST_FIELDS:
+        values = raw[section].get(key, [])
+        if not isinstance(values, Sequence) or isinstance(values, str):
+            raise ConfigError(f"expected a list of integers, got {values!r}", field=(section, key))
+        for i, value in enumerate(values):
+            if not is_int(value):
+                raise ConfigError(f"expected an integer, got {value!r}", field=(section, key, i))
+
+
+def config_from_dict(raw: Mapping[str, Any], num_embeddings: int = 20) -> ModelConfig:
+    """Build a ModelConfig from the reference's YAML schema (a parsed dict)."""
+    _check_field_types(raw)
     image_size = int(raw["data"]["image_size"])
     vae = VaeRef(**{k: v for k, v in raw["vae"].items() if k in VaeRef.__dataclass_fields__})
     if image_size % vae.downsample_ratio:
@@ -374,16 +408,17 @@ def load_config(config: str | os.PathLike | Mapping[str, Any] | ModelConfig) -> 
         return config_from_dict(config)
     path = os.fspath(config)
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        raw = read_yaml(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"model config not found: {path}") from None
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{path}: expected a YAML mapping with data/vae/model sections")
+        raise ConfigError(f"{path}: expected a YAML mapping with data/vae/model sections")
     try:
         return config_from_dict(raw)
+    except ConfigError as e:
+        raise e.in_file(path) from None
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def default_model_config() -> pathlib.Path:

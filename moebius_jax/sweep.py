@@ -30,7 +30,6 @@ interrupted one continues from its last checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -43,7 +42,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from moebius_jax import cli
 from moebius_jax.config import load_config
+from moebius_jax.errors import ConfigError, read_yaml
 from moebius_jax.train.config import TrainConfig, load_train_config
 
 log = logging.getLogger("moebius_jax.sweep")
@@ -92,7 +93,7 @@ def _str_list(value: Any, where: str) -> tuple[str, ...]:
 def load_sweep(path: str | pathlib.Path, out: str | pathlib.Path | None = None, steps: int | None = None) -> Sweep:
     """Read and validate a sweep file; errors name the file and the offending key."""
     path = pathlib.Path(path)
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path)
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}: expected a YAML mapping")
     unknown = set(raw) - {"train", "overrides", "steps", "out", "variants"}
@@ -132,14 +133,14 @@ def load_sweep(path: str | pathlib.Path, out: str | pathlib.Path | None = None, 
 def variant_configs(sweep: Sweep) -> dict[str, tuple[dict[str, Any], TrainConfig]]:
     """name -> (model YAML dict, train config) for every variant, all validated before any trains."""
     base = load_train_config(sweep.train, sweep.overrides)
-    base_model = yaml.safe_load(pathlib.Path(base.model).read_text())
+    base_model = read_yaml(base.model)
     configs = {}
     for variant in sweep.variants:
         model_raw = {**base_model, "model": _merge(base_model["model"], variant.model)}
         try:
             load_config(model_raw)
         except ValueError as e:
-            raise ValueError(f"sweep variant {variant.name!r}: {e}") from e
+            raise ConfigError(f"sweep variant {variant.name!r}: {e}") from e
         model_path = sweep.out / variant.name / "model.yaml"
         train = load_train_config(sweep.train, [*sweep.overrides, *variant.overrides,
                                                 f"model={model_path}", f"max_steps={sweep.steps}"])
@@ -246,12 +247,12 @@ def run_sweep(sweep: Sweep, make_plot: bool = True) -> list[dict[str, Any]]:
     return records
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moebius_jax.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m moebius_jax.sweep", description=__doc__)
     parser.add_argument("sweep", type=pathlib.Path, help="sweep YAML (e.g. configs/sweeps/mixers_tiny.yaml)")
     parser.add_argument("--out", type=pathlib.Path, help="output folder (default: the file's `out`)")
-    parser.add_argument("--steps", type=int, help="train steps per variant (default: the file's `steps`)")
+    parser.add_argument("--steps", type=cli.positive_int, help="train steps per variant (default: the file's `steps`)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
+from scipy import ndimage
 
 from moebius_jax.data.masks import MaskGeneratorConfig, generate_mask
 from moebius_jax.data.sources import DataSourceError, ImageRef, Item
@@ -88,16 +89,14 @@ def load_mask(ref: ImageRef, width: int, height: int) -> np.ndarray:
 def dilate(mask: np.ndarray, kernel: int, iterations: int) -> np.ndarray:
     """``cv2.dilate(mask, ones((kernel, kernel)), iterations=iterations)`` for a uint8 mask.
 
-    Dilation by a flat square is a moving maximum, which is Pillow's ``MaxFilter``. Borders:
-    OpenCV's default pads with the smallest value, so the window is in effect clipped to the
-    image; Pillow pads by repeating the edge pixel, and a repeated pixel is a copy of one that
-    already lies in the clipped window (the window always contains the edge it crosses), so the
-    maximum is the same. Iterating on the result is what OpenCV's ``iterations`` does.
+    Dilation by a flat square is a moving maximum. OpenCV anchors the square at index
+    kernel // 2 (so for an even size the window reaches one pixel further up and left) and
+    lets no outside pixel count; scipy's filter has the same anchor, and padding with 0,
+    uint8's minimum, never raises a maximum. Iterating is what OpenCV's ``iterations`` does.
     """
-    image = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
     for _ in range(iterations):
-        image = image.filter(ImageFilter.MaxFilter(kernel))
-    return np.asarray(image)
+        mask = ndimage.maximum_filter(np.asarray(mask, dtype=np.uint8), size=kernel, mode="constant", cval=0)
+    return mask
 
 
 def background_mask(

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from moebius_jax.errors import ConfigError, read_yaml
 from moebius_jax.train.optimizer import OptimizerConfig
 
 
@@ -164,7 +165,11 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or err
+            raise ValueError(f"override {item!r}: not a valid YAML value ({problem})") from None
     return raw
 
 
@@ -172,14 +177,14 @@ def load_train_config(path: str | pathlib.Path | None = None, overrides: Sequenc
     """YAML file (optional) + overrides -> TrainConfig; errors name the offending key."""
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a YAML mapping")
-    raw = apply_overrides(raw, overrides)
+            raise ConfigError(f"{path}: expected a YAML mapping")
     try:
+        raw = apply_overrides(raw, overrides)
         return _build(TrainConfig, raw, "")
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path or 'train config'}: {e}") from e
+        raise ConfigError(f"{path or 'train config'}: {e}") from e
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import logging
 import pathlib
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -22,11 +23,14 @@ import yaml
 from tqdm import tqdm
 
 from moebius_jax.data.loader import make_train_iterator
-from moebius_jax.data.sources import folder_source, jsonl_source, tfds_source
+from moebius_jax.data.masks import load_mask_config
+from moebius_jax.data.sources import Item, check_images, folder_source, jsonl_source, tfds_source
+from moebius_jax.data.transforms import check_extra_fg_masks
+from moebius_jax.errors import ConfigError
 from moebius_jax.latents import latent_mask
 from moebius_jax.pipeline.sampler import Sampler, SamplerNoise, SamplerSettings
 from moebius_jax.train.checkpointing import Checkpoints, abstract_like
-from moebius_jax.train.config import TrainConfig, config_to_dict
+from moebius_jax.train.config import DataConfig, TrainConfig, config_to_dict
 from moebius_jax.train.mesh import batch_sharding, mesh_from_config
 from moebius_jax.train.metrics_log import MetricsWriter, save_sample_grid
 from moebius_jax.train.optimizer import make_schedule
@@ -49,10 +53,13 @@ class Trainer:
     step_fn: Any  # the compiled step
     sampler: Sampler
     compile_seconds: float
+    source: Any  # the checked data source (moebius_jax.data.sources)
 
     @classmethod
     def build(cls, config: TrainConfig, workdir: str | pathlib.Path, devices: list | None = None) -> Trainer:
-        """Mesh (over `devices`, default all), networks, sharded state and frozen weights, compiled step."""
+        """Data source (checked), mesh (over `devices`, default all), networks, sharded state and
+        frozen weights, compiled step."""
+        source = open_data_source(config.data)  # bad data fails here, before the minutes of compiling
         mesh = mesh_from_config(config.mesh, devices)
         networks = Networks.from_config(config)
         program = make_train_program(config, networks, mesh)
@@ -63,7 +70,7 @@ class Trainer:
         compile_seconds = time.perf_counter() - start
         log.info("train step compiled in %.1f s", compile_seconds)
         sampler = Sampler(networks.student, networks.vae, mesh)
-        return cls(config, pathlib.Path(workdir), mesh, state, frozen, compiled, sampler, compile_seconds)
+        return cls(config, pathlib.Path(workdir), mesh, state, frozen, compiled, sampler, compile_seconds, source)
 
     def run(self, resume: bool = False, max_steps: int | None = None) -> TrainState:
         cfg = self.config
@@ -74,8 +81,7 @@ class Trainer:
         existing = checkpoints.latest_step()
         if not resume and existing is not None:
             checkpoints.close()
-            raise FileExistsError(f"{self.workdir} already holds checkpoints (latest step {existing}): "
-                                  "pass --resume to continue it, or use a new workdir")
+            raise restart_refusal(self.workdir, existing)
         if lead:
             (self.workdir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         writer = MetricsWriter(self.workdir, enabled=lead)
@@ -130,18 +136,8 @@ class Trainer:
 
     def _data_iterator(self):
         cfg = self.config.data
-        if sum(x is not None for x in (cfg.jsonl, cfg.folder, cfg.tfds_name)) != 1:
-            raise ValueError("set exactly one of data.jsonl, data.folder, data.tfds_name")
-        if cfg.jsonl is not None:
-            source = jsonl_source(cfg.jsonl)
-        elif cfg.folder is not None:
-            source = folder_source(cfg.folder, cfg.mask_folder)
-        else:
-            source = tfds_source(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
-        if cfg.batch_size % jax.process_count():
-            raise ValueError(f"batch size {cfg.batch_size} is not divisible by {jax.process_count()} processes")
         return make_train_iterator(
-            source, batch_size=cfg.batch_size // jax.process_count(), image_size=cfg.image_size,
+            self.source, batch_size=cfg.batch_size // jax.process_count(), image_size=cfg.image_size,
             mask_config=cfg.mask_config, seed=self.config.seed, num_workers=cfg.num_workers,
             use_extra_fg_mask=cfg.use_extra_fg_mask)
 
@@ -162,3 +158,29 @@ class Trainer:
         if lead:
             save_sample_grid(self.workdir / "samples" / f"step_{step:08d}.png",
                              (masked + 1) / 2, np.asarray(out.decoded), (images + 1) / 2)
+
+
+def restart_refusal(workdir: pathlib.Path, latest_step: int) -> FileExistsError:
+    """The error for starting afresh in a workdir that holds checkpoints (it would train over them)."""
+    return FileExistsError(f"{workdir} already holds checkpoints (latest step {latest_step}): "
+                           "pass --resume to continue it, or use a new workdir")
+
+
+def open_data_source(cfg: DataConfig) -> Sequence[Item]:
+    """The configured data source with every file's header read and the data settings checked,
+    so that data errors surface before any model loads or the train step compiles."""
+    if sum(x is not None for x in (cfg.jsonl, cfg.folder, cfg.tfds_name)) != 1:
+        raise ConfigError("set exactly one of data.jsonl, data.folder, data.tfds_name")
+    if cfg.batch_size < 1 or cfg.batch_size % jax.process_count():
+        raise ConfigError(f"data.batch_size {cfg.batch_size}: must be a positive multiple of the "
+                          f"{jax.process_count()} process(es)")
+    if cfg.jsonl is not None:
+        source = jsonl_source(cfg.jsonl)
+    elif cfg.folder is not None:
+        source = folder_source(cfg.folder, cfg.mask_folder)
+    else:
+        source = tfds_source(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
+    check_extra_fg_masks(source, cfg.use_extra_fg_mask)
+    load_mask_config(cfg.mask_config)
+    check_images(source)
+    return source

@@ -11,7 +11,6 @@ from files go from the host to their shards, never through one whole-model copy 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any
 
 import jax
@@ -32,7 +31,7 @@ from moebius_jax.train.objective import ExtraLoss
 from moebius_jax.train.optimizer import make_optimizer
 from moebius_jax.train.state import TrainState
 from moebius_jax.train.step import Frozen, make_train_step
-from moebius_jax.vae_loading import abstract_vae_variables, load_vae, load_vae_config
+from moebius_jax.vae_loading import abstract_vae_variables, load_vae, vae_module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +48,7 @@ class Networks:
     @classmethod
     def from_config(cls, config: TrainConfig) -> Networks:
         student, student_config = build_model(config.model, DTYPES[config.dtype], config.remat)
-        vae_path = pathlib.Path(config.vae)
-        if not vae_path.exists():
-            raise FileNotFoundError(f"VAE weights not found: {vae_path} (vae)")
-        # A folder carries its config.json; a single LDM file is the SD VAE (as load_vae reads it).
-        vae = AutoencoderKL(load_vae_config(vae_path if vae_path.is_dir() else None), dtype=DTYPES[config.dtype])
+        vae = vae_module(config.vae, dtype=DTYPES[config.dtype])
         teacher = teacher_config = None
         if config.teacher.config is not None:
             teacher, teacher_config = build_model(config.teacher.config, DTYPES[config.teacher.dtype])
