@@ -78,7 +78,7 @@ def test_explicit_specs_must_fit_the_array():
 def test_make_mesh_checks_the_device_count():
     devices = jax.devices()[:1]
     assert make_mesh(-1, 1, devices).shape == {"data": 1, "fsdp": 1}
-    with pytest.raises(ValueError, match="mesh.fsdp=2 does not divide the 1 devices"):
+    with pytest.raises(ValueError, match="mesh.fsdp: 2 does not divide the 1 devices"):
         make_mesh(-1, 2, devices)
 
 

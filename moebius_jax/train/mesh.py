@@ -30,6 +30,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from moebius_jax.errors import ConfigError
+
 if TYPE_CHECKING:
     from moebius_jax.train.config import MeshConfig
 
@@ -46,11 +48,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = Non
     """
     devices = list(devices if devices is not None else jax.devices())
     if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"mesh.fsdp={fsdp} does not divide the {len(devices)} devices")
+        raise ConfigError(f"{fsdp} does not divide the {len(devices)} devices", field=("mesh", "fsdp"))
     if data == -1:
         data = len(devices) // fsdp
     if data * fsdp != len(devices):
-        raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} != {len(devices)} devices")
+        raise ConfigError(f"{data} x mesh.fsdp {fsdp} != {len(devices)} devices", field=("mesh", "data"))
     # Auto axes: shardings are propagated by the compiler (GSPMD), not part of array types.
     return jax.make_mesh((data, fsdp), DATA_AXES, (AxisType.Auto,) * 2, devices=devices)
 
@@ -61,7 +63,8 @@ def mesh_from_config(config: MeshConfig, devices: Sequence[Any] | None = None) -
     devices = list(devices if devices is not None else jax.devices())
     if config.num_devices != -1:
         if not 1 <= config.num_devices <= len(devices):
-            raise ValueError(f"mesh.num_devices={config.num_devices}: expected -1 or 1..{len(devices)}")
+            raise ConfigError(f"expected -1 or 1..{len(devices)}, got {config.num_devices}",
+                              field=("mesh", "num_devices"))
         devices = devices[:config.num_devices]
     return make_mesh(config.data, config.fsdp, devices)
 
@@ -91,27 +94,27 @@ def check_rules(rules: Sequence[Any], axis_names: Sequence[str] = DATA_AXES) -> 
     """Validate `mesh.rules` (pairs of a regex and a spec, see the module docstring)."""
     checked = []
     for i, rule in enumerate(rules):
-        where = f"mesh.rules[{i}]"
+        where = ("mesh", "rules", i)
         if isinstance(rule, str) or not isinstance(rule, Sequence) or len(rule) != 2:
-            raise ValueError(f"{where}: expected a [regex, spec] pair, got {rule!r}")
+            raise ConfigError(f"expected a [regex, spec] pair, got {rule!r}", field=where)
         pattern, spec = rule
         try:
             re.compile(pattern)
         except (re.error, TypeError) as e:
-            raise ValueError(f"{where}: {pattern!r} is not a regular expression ({e})") from None
+            raise ConfigError(f"{pattern!r} is not a regular expression ({e})", field=where) from None
         if isinstance(spec, str):
             if spec not in (FSDP, REPLICATE):
-                raise ValueError(f"{where}: spec {spec!r} is not {FSDP!r}, {REPLICATE!r} or a list of axes")
+                raise ConfigError(f"spec {spec!r} is not {FSDP!r}, {REPLICATE!r} or a list of axes", field=where)
         elif isinstance(spec, Sequence):
             for entry in spec:
                 axes = entry if isinstance(entry, Sequence) and not isinstance(entry, str) else [entry]
                 unknown = [a for a in axes if a is not None and a not in axis_names]
                 if unknown:
-                    raise ValueError(f"{where}: unknown mesh axis {unknown[0]!r} in {spec!r} "
-                                     f"(axes: {list(axis_names)})")
+                    raise ConfigError(f"unknown mesh axis {unknown[0]!r} in {spec!r} (axes: {list(axis_names)})",
+                                      field=where)
             spec = tuple(tuple(e) if isinstance(e, Sequence) and not isinstance(e, str) else e for e in spec)
         else:
-            raise ValueError(f"{where}: spec {spec!r} is not {FSDP!r}, {REPLICATE!r} or a list of axes")
+            raise ConfigError(f"spec {spec!r} is not {FSDP!r}, {REPLICATE!r} or a list of axes", field=where)
         checked.append((pattern, spec))
     return tuple(checked)
 
@@ -126,15 +129,16 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules: Sequenc
             return fsdp_spec(shape, mesh.shape["fsdp"])
         if spec == REPLICATE:
             return PartitionSpec()
+        where = ("mesh", "rules", i)
         if len(spec) > len(shape):
-            raise ValueError(f"mesh.rules[{i}] ({pattern!r}: {list(spec)}) has {len(spec)} entries but "
-                             f"{path} has shape {shape}")
+            raise ConfigError(f"{pattern!r}: {list(spec)} has {len(spec)} entries but {path} has shape {shape}",
+                              field=where)
         for dim, entry in enumerate(spec):
             axes = entry if isinstance(entry, tuple) else (entry,)
             size = math.prod(mesh.shape[a] for a in axes if a is not None)
             if shape[dim] % size:
-                raise ValueError(f"mesh.rules[{i}] ({pattern!r}: {list(spec)}): dimension {dim} of {path} "
-                                 f"(shape {shape}) is {shape[dim]}, not divisible by {size} devices")
+                raise ConfigError(f"{pattern!r}: {list(spec)}: dimension {dim} of {path} (shape {shape}) is "
+                                  f"{shape[dim]}, not divisible by {size} devices", field=where)
         return PartitionSpec(*spec)
     return PartitionSpec()
 

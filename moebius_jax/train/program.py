@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from moebius_jax.config import TEACHER_MODEL_TYPE, ModelConfig
 from moebius_jax.convert.maps import UNET_KEYMAP
 from moebius_jax.dtypes import DTYPES
+from moebius_jax.errors import ConfigError
 from moebius_jax.loading import abstract_variables, build_model, init_variables, load_weights
 from moebius_jax.models.removal_model import RemovalModel
 from moebius_jax.models.vae import AutoencoderKL
@@ -53,8 +54,8 @@ class Networks:
         if config.teacher.config is not None:
             teacher, teacher_config = build_model(config.teacher.config, DTYPES[config.teacher.dtype])
             if not teacher_config.is_teacher:
-                raise ValueError(f"teacher.config {config.teacher.config}: expected a {TEACHER_MODEL_TYPE} "
-                                 f"config, got {teacher_config.model_type}")
+                raise ConfigError(f"{config.teacher.config}: expected a {TEACHER_MODEL_TYPE} config, "
+                                  f"got {teacher_config.model_type}", field=("teacher", "config"))
         return cls(student, student_config, vae, teacher, teacher_config, _extra_loss(config))
 
     def abstract_frozen(self) -> Frozen:
