@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-jsonl", default=None, help="the reference's jsonl (paths relative to it)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in workdir")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    parser.add_argument("--print-shardings", action="store_true",
+                        help="print every parameter's sharding on the mesh and exit (nothing is loaded or compiled)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -64,11 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     enable_compilation_cache()  # a restart (resume, preemption) reloads its compiled step
     from moebius_jax.train.config import load_train_config
     from moebius_jax.train.loop import Trainer
+    from moebius_jax.train.program import describe_program
 
     overrides = list(args.overrides)
     if args.data_jsonl is not None:
         overrides += [f"data.jsonl={args.data_jsonl}", "data.folder=null", "data.tfds_name=null"]
     config = load_train_config(args.config, overrides)
+    if args.print_shardings:
+        print("\n".join(describe_program(config)))
+        return 0
     check_workdir(pathlib.Path(args.workdir), args.resume)
     trainer = Trainer.build(config, args.workdir)  # the data are checked first, then the step compiles
     trainer.run(resume=args.resume, max_steps=args.max_steps)

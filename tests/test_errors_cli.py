@@ -73,8 +73,8 @@ def no_model(monkeypatch):
 
     monkeypatch.setattr(infer, "load_pipeline", forbidden)
     monkeypatch.setattr(eval_run.InpaintPipeline, "from_pretrained", forbidden)
-    monkeypatch.setattr(loop, "load_model", forbidden)
-    monkeypatch.setattr(loop, "make_train_step", forbidden)
+    monkeypatch.setattr(loop, "make_train_program", forbidden)
+    monkeypatch.setattr(loop, "init_state", forbidden)
     monkeypatch.setattr(eval_score, "score_pairs", forbidden)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import io
 import os
-import pathlib
 import pickle
 import struct
 import zipfile

@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from moebius_jax.errors import MissingExtraError, UserError
+from moebius_jax.latents import TASKS
 
 logger = logging.getLogger(__name__)
 
 Prompt = Literal["background", "foreground"]
-PROMPTS: tuple[str, ...] = ("background", "foreground")
+PROMPTS: tuple[str, ...] = TASKS  # a record's prompt is the task it trains
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 
 # An encoded image (JPEG, PNG, ...): a file, or its bytes (TFDS records).

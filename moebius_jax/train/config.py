@@ -77,6 +77,9 @@ class MeshConfig:
     data: int = -1  # -1: all devices not used by fsdp
     fsdp: int = 1
     num_devices: int = -1  # -1: every device; else the first N (e.g. 1 to compare against a mesh)
+    # [regex, spec] pairs deciding each array's sharding, first match wins (moebius_jax.train.mesh):
+    # spec "fsdp" (largest divisible dimension), "replicate", or a PartitionSpec-like list of axes.
+    rules: Sequence[Sequence[Any]] = ((".*", "fsdp"),)
 
 
 @dataclasses.dataclass(frozen=True)
