@@ -2,10 +2,11 @@
 
 XLA:CPU sends `feature_group_count` convolutions to a generic grouped kernel that is 10-50x
 slower than the same arithmetic written as k² shifted multiply-adds over a zero-padded map,
-which XLA fuses into one vectorised loop. Other backends have fast grouped convolutions (and
-TPU counts fewer bytes for them), so the form is chosen per platform when the program is
-lowered (`lax.platform_dependent`), not from the host's default backend: a program lowered
-on a CPU host for a TPU gets the TPU form. Both forms give the convolution to float32
+which XLA fuses into one vectorised loop. Other backends have fast grouped convolutions (on a
+TPU, XLA counts fewer bytes for them than for the shifted form in Mix-FFN and in every
+backward pass), so the form is chosen per platform when the program is lowered
+(`lax.platform_dependent`), not from the host's default backend: a program lowered on a CPU
+host for a TPU gets the grouped convolution. Both forms give the convolution to float32
 rounding, in the forward and (by autodiff) the backward pass.
 """
 
