@@ -30,24 +30,26 @@ from bench.training import FULL as TRAIN_FULL
 from bench.training import FULL_CPU as TRAIN_FULL_CPU
 from bench.training import FULL_CPU_ALL as TRAIN_FULL_CPU_ALL
 from bench.training import TINY, training_cases
+from bench.versus_torch import torch_cases
 
 RESULTS = REPO / "bench" / "results"
 
 
 def plan(quick: bool, everything: bool) -> tuple[str, list[Case], Repeats]:
     """(mode, cases, repeats) for this machine: accelerators get the issue's sizes, bfloat16
-    training and more repeats; a CPU gets float32 training (bfloat16 is emulated there) and
-    the sizes that finish in reasonable time unless `everything`."""
+    training and more repeats; a CPU gets float32 training (bfloat16 is emulated there), the
+    sizes that finish in reasonable time unless `everything`, and the PyTorch versions of the
+    student step and the decode when torch is installed."""
     if quick:
         # The distillation step is left to the full set: each tiny train step compiles for
         # minutes on 2 CPU cores (mostly Muon's per-parameter Newton-Schulz chains).
         train = [c for c in training_cases((TINY,), "float32", 20.0) if c.variant == "tiny_student"]
-        return "quick", inference_cases(QUICK) + train, Repeats(warmup=1, repeats=3)
+        return "quick", inference_cases(QUICK) + torch_cases(QUICK) + train, Repeats(warmup=1, repeats=3)
     if device().platform != "cpu":
         cases = inference_cases(FULL) + training_cases((TINY, TRAIN_FULL), "bfloat16", 60.0)
         return "full", cases, Repeats(warmup=3, repeats=20)
     sizes, train = (FULL_CPU_ALL, TRAIN_FULL_CPU_ALL) if everything else (FULL_CPU, TRAIN_FULL_CPU)
-    cases = inference_cases(sizes) + training_cases((TINY, train), "float32", 600.0)
+    cases = inference_cases(sizes) + torch_cases(sizes) + training_cases((TINY, train), "float32", 600.0)
     return ("all" if everything else "full"), cases, Repeats(warmup=1, repeats=5)
 
 
