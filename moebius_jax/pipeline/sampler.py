@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moebius_jax.layers.linear import cast_weights
 from moebius_jax.models.removal_model import RemovalModel
 from moebius_jax.models.vae import AutoencoderKL
 from moebius_jax.schedulers import add_noise, ddim_step, ddim_step_ratio, ddim_timesteps, scaled_linear_schedule
@@ -141,6 +142,8 @@ class Sampler:
         init_noise = noise.init + noise_offset * noise.offset
         x = add_noise(alphas, latents, init_noise, jnp.asarray(timesteps[:1]))
 
+        # Once per call, not once per step: the loop then reads 16-bit weights.
+        unet_variables = cast_weights(unet_variables, self.model.dtype)
         ids = jnp.asarray(np.stack([self.uncond_ids] * batch + [self.cond_ids] * batch))
         condition = jnp.concatenate([latent_mask.astype(latents.dtype), masked_latents], axis=-1)
         condition = jnp.concatenate([condition, condition], axis=0)
