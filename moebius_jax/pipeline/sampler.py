@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from moebius_jax.latents import guidance_task_ids, unet_input
+from moebius_jax.layers.linear import cast_weights
 from moebius_jax.models.removal_model import RemovalModel
 from moebius_jax.models.vae import AutoencoderKL
 from moebius_jax.schedulers import add_noise, ddim_step, ddim_step_ratio, ddim_timesteps, scaled_linear_schedule
@@ -169,6 +170,8 @@ class Sampler:
         init_noise = noise.init + noise_offset * noise.offset
         x = add_noise(alphas, latents, init_noise, jnp.asarray(timesteps[:1]))
 
+        # Once per call, not once per step: the loop then reads 16-bit weights.
+        unet_variables = cast_weights(unet_variables, self.model.dtype)
         # Guidance runs both branches as one batch: unconditional rows first, then conditional.
         ids = jnp.asarray(guidance_task_ids(batch, self.model.config.context_length))
         mask, masked_latents_cfg = (jnp.concatenate([a, a], axis=0) for a in (latent_mask, masked_latents))
