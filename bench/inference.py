@@ -20,6 +20,8 @@ import numpy as np
 
 from bench.harness import REPO, Case, Program
 from moebius_jax.config import ModelConfig
+from moebius_jax.latents import guidance_task_ids, latent_mask
+from moebius_jax.layers.linear import cast_weights
 from moebius_jax.loading import abstract_variables, build_model
 from moebius_jax.models.vae import SD_VAE_CONFIG, AutoencoderKL, VaeConfig, tile_starts
 from moebius_jax.pipeline.sampler import ALWAYS_GUIDE, Sampler, SamplerNoise, SamplerSettings
@@ -123,13 +125,6 @@ def compute_dtype(dtype: str) -> Any:
     return None if dtype == "float32" else jnp.dtype(dtype)
 
 
-def cfg_ids(config: ModelConfig, batch: int) -> np.ndarray:
-    """Task ids of a CFG batch as the sampler builds it: first half unconditional, second conditional."""
-    half = config.unet.context_length
-    uncond, cond = np.arange(half, 2 * half), np.arange(half)
-    return np.stack([uncond] * (batch - batch // 2) + [cond] * (batch // 2)).astype(np.int32)
-
-
 def lowered_flops(fn: Callable[..., Any], *abstract_args: Any) -> float:
     """XLA's FLOP count of `fn`, from the lowered (not compiled) program."""
     return float(jax.jit(fn).lower(*abstract_args).cost_analysis()["flops"])
@@ -141,29 +136,26 @@ def _student_forward_fn(config: str, dtype: str) -> Callable[..., jnp.ndarray]:
 
 
 def _student_inputs(config: str, latent: int, batch: int) -> tuple[np.ndarray, ...]:
-    """(sample, timesteps, input_ids) of one sampler step: one timestep for the whole batch."""
+    """(sample, timesteps, input_ids) of one sampler step on a guidance batch of `batch` (even) rows."""
     cfg = model_abstract(config)[0]
     sample = np.random.default_rng(1).standard_normal((batch, latent, latent, cfg.unet.in_channels), np.float32)
-    return sample, np.array([CFG_TIMESTEP], np.int32), cfg_ids(cfg, batch)
+    return sample, np.array([CFG_TIMESTEP], np.int32), guidance_task_ids(batch // 2, cfg.unet.context_length)
 
 
-def as_dtype(variables: Any, dtype: str) -> Any:
-    """Floating variables (arrays or abstract values) in `dtype`, as a caller that casts the
-    parameters once, not in every layer, passes them."""
-    def cast(x: Any) -> Any:
-        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.dtype(dtype):
-            return x
-        return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(dtype)
-
-    return jax.tree.map(cast, variables)
+def as_stored(variables: Any, param_dtype: str) -> Any:
+    """Variables (arrays or abstract values) as a sampler's loop reads them: matrices in
+    `param_dtype` (`cast_weights`, done once per call), the rest as loaded."""
+    if isinstance(jax.tree.leaves(variables)[0], jax.ShapeDtypeStruct):
+        return jax.eval_shape(lambda v: cast_weights(v, jnp.dtype(param_dtype)), variables)
+    return cast_weights(variables, jnp.dtype(param_dtype))
 
 
 def student_forward(config: str, latent: int, batch: int, dtype: str, param_dtype: str = "float32") -> Program:
     """One UNet call on a CFG batch (as in every sampler step), eval mode; returns the noise."""
     inputs = _student_inputs(config, latent, batch)
     return Program(jax.jit(_student_forward_fn(config, dtype)).trace,
-                   (as_dtype(model_abstract(config)[1], param_dtype), *shapes(inputs)),
-                   lambda: (as_dtype(model_variables(config), param_dtype), *inputs))
+                   (as_stored(model_abstract(config)[1], param_dtype), *shapes(inputs)),
+                   lambda: (as_stored(model_variables(config), param_dtype), *inputs))
 
 
 def _vae_fn(config: str, method: str, dtype: str, **kwargs: Any) -> Callable[..., Any]:
@@ -193,8 +185,8 @@ def vae(config: str, method: str, side: int, dtype: str = "float32", param_dtype
         tile = shapes(_vae_input(config, "decode", kwargs["tile"] * factor))
         flops = tiles * lowered_flops(_vae_fn(config, "decode", dtype), vae_abstract(config), tile)
     return Program(jax.jit(_vae_fn(config, method, dtype, **kwargs)).trace,
-                   (as_dtype(vae_abstract(config), param_dtype), shapes(x)),
-                   lambda: (as_dtype(vae_variables(config), param_dtype), x), flops)
+                   (as_stored(vae_abstract(config), param_dtype), shapes(x)),
+                   lambda: (as_stored(vae_variables(config), param_dtype), x), flops)
 
 
 def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = PIPELINE_STEPS,
@@ -203,8 +195,7 @@ def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = 
     `Sampler` compiles it (parameters as loaded: float32)."""
     cfg, unet_abstract = model_abstract(student)
     vae_cfg = VAE_CONFIGS[vae_config]
-    sampler = Sampler(build_model(cfg, compute_dtype(dtype))[0], AutoencoderKL(vae_cfg, dtype=compute_dtype(dtype)),
-                      cfg.unet.num_embeddings)
+    sampler = Sampler(build_model(cfg, compute_dtype(dtype))[0], AutoencoderKL(vae_cfg, dtype=compute_dtype(dtype)))
     settings = SamplerSettings(num_steps=steps)
     factor = vae_cfg.downsample_factor
     latent = side // factor
@@ -214,7 +205,7 @@ def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = 
     noise = jax.tree.map(np.asarray, SamplerNoise.draw(jax.random.key(5), batch, (latent, latent),
                                                        vae_cfg.latent_channels))
     inputs = (image, np.where(pixel_mask, 0.0, image).astype(np.float32),
-              pixel_mask[:, ::factor, ::factor].astype(np.float32), noise,
+              latent_mask(pixel_mask, factor).astype(np.float32), noise,
               np.float32(GUIDANCE_SCALE), np.float32(NOISE_OFFSET), np.int32(ALWAYS_GUIDE))
 
     # The denoising loop is a scan: sum its parts' counts (two encodes, the steps, one decode).
@@ -226,11 +217,8 @@ def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = 
              + lowered_flops(_vae_fn(vae_config, "decode", dtype), vae_abstract(vae_config),
                              shapes(_vae_input(vae_config, "decode", side, batch))))
 
-    def trace(*abstract_args: Any) -> jax.stages.Traced:
-        # Sampler has no public lowering hook; its jitted program is what __call__ compiles.
-        return sampler._jitted.trace(*abstract_args, settings=settings)
-
-    return Program(trace, (unet_abstract, vae_abstract(vae_config), *shapes(inputs)),
+    return Program(functools.partial(sampler.trace, settings=settings),
+                   (unet_abstract, vae_abstract(vae_config), *shapes(inputs)),
                    lambda: (model_variables(student), vae_variables(vae_config), *inputs), flops)
 
 

@@ -32,6 +32,8 @@ import jax
 import jax.extend as jex
 import numpy as np
 
+from moebius_jax.errors import UserError
+
 
 def _host_has_tpu() -> bool:
     """Whether TPU chips are attached to this host (PCI scan, as JAX does at start-up)."""
@@ -113,7 +115,7 @@ def target_devices(target: str) -> list[jax.Device]:
         try:
             return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
         except Exception as e:  # libtpu missing, or a topology it refuses
-            raise ValueError(
+            raise UserError(
                 f"target {target!r}: no TPU topology {topology!r} ({str(e).splitlines()[0]}); install the "
                 "tpu extra (pip install -e '.[tpu]') and use names like v5e:2x2, v5p:2x2x1, v6e:2x2"
             ) from None
@@ -121,8 +123,8 @@ def target_devices(target: str) -> list[jax.Device]:
         try:
             return list(jax.devices(kind))
         except RuntimeError:
-            raise ValueError(f"target {target!r}: this host has no {kind} devices") from None
-    raise ValueError(f"target {target!r}: expected tpu:<topology> (e.g. tpu:v5e:2x2), gpu or cpu")
+            raise UserError(f"target {target!r}: this host has no {kind} devices") from None
+    raise UserError(f"target {target!r}: expected tpu:<topology> (e.g. tpu:v5e:2x2), gpu or cpu")
 
 
 def target_slug(target: str, devices: Sequence[jax.Device]) -> str:
@@ -386,15 +388,13 @@ def _devices_of(shardings: Any) -> list[jax.Device]:
     return [devices[k] for k in sorted(devices)]
 
 
-def abstract(tree: Any, sharding: Any, dtype: Any = None) -> Any:
+def abstract(tree: Any, sharding: Any) -> Any:
     """ShapeDtypeStructs of `tree`'s leaves (arrays or abstract values) carrying `sharding`:
     one sharding for every leaf, or a matching pytree of shardings. Abstract leaves that
-    already carry a sharding keep it. `dtype`: floating leaves become this dtype (parameters
-    passed in the compute dtype)."""
+    already carry a sharding keep it."""
     def one(x: Any, s: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
         own = getattr(x, "sharding", None) if isinstance(x, jax.ShapeDtypeStruct) else None
-        leaf_dtype = dtype if dtype is not None and jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x.dtype
-        return jax.ShapeDtypeStruct(x.shape, leaf_dtype, sharding=own or s)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=own or s)
 
     if isinstance(sharding, jax.sharding.Sharding):
         return jax.tree.map(lambda x: one(x, sharding), tree)

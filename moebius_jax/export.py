@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from moebius_jax import hub
-from moebius_jax.convert.torch_pickle import atomic_output
+from moebius_jax import cli, hub
 from moebius_jax.inspect_model import parse_resolution
+from moebius_jax.io_safety import atomic_output, check_output_file
 from moebius_jax.pipeline.inpaint import DTYPES, InpaintPipeline, batch_noise, window_key
 from moebius_jax.pipeline.postprocess import to_uint8
 from moebius_jax.pipeline.preprocess import LATENT_DOWNSAMPLE, SIZE_MULTIPLE, model_arrays
@@ -114,6 +114,8 @@ def weights_path(out: pathlib.Path) -> pathlib.Path:
 def output_paths(out: pathlib.Path, bake_weights: bool, overwrite: bool = False) -> list[pathlib.Path]:
     """The files an export writes; FileExistsError if any exists and not `overwrite`."""
     paths = [out] if bake_weights else [out, weights_path(out)]
+    for path in paths:
+        check_output_file(path, "--out")
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
@@ -134,14 +136,13 @@ def write_export(out: pathlib.Path, exported: jax.export.Exported, weights: Mapp
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m moebius_jax.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m moebius_jax.export", description=__doc__)
     p.add_argument("--out", required=True, type=pathlib.Path, help="the serialised program (e.g. sampler.stablehlo)")
     p.add_argument("--resolution", type=parse_resolution, default=None,
                    help="image side, or HxW; multiples of 64 (default: the config's image size)")
-    p.add_argument("--batch", type=int, default=1, help="images per call")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps before the strength cut")
-    p.add_argument("--strength", type=float, default=0.99)
+    p.add_argument("--batch", type=cli.positive_int, default=1, help="images per call")
+    p.add_argument("--steps", type=cli.positive_int, default=20, help="DDIM steps before the strength cut")
+    p.add_argument("--strength", type=cli.fraction, default=0.99, help="in (0, 1]")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
     p.add_argument("--bake-weights", action="store_true", help="embed the weights in the program")
     p.add_argument("--weights", default=None, help="student weights (default: the released --variant)")
@@ -152,34 +153,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--platforms", default=None,
                    help="comma-separated platforms to lower for, e.g. cpu,cuda,tpu (default: this machine's)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    args = p.parse_args(argv)
-    if args.batch < 1 or args.steps < 1:
-        p.error("--batch and --steps must be >= 1")
-
-    return args
+    return p.parse_args(argv)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # force: an imported library (absl) may already have put a handler on the root logger.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", force=True)
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):  # backend probing, per-restore chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        output_paths(args.out, args.bake_weights, args.overwrite)  # before the slow part
+    output_paths(args.out, args.bake_weights, args.overwrite)  # before the slow part
+    with cli.user_inputs():
         pipe = InpaintPipeline.from_pretrained(args.weights, args.vae, config=args.config, dtype=args.dtype,
                                                variant=args.variant)
-        resolution = args.resolution or pipe.resolution
-        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
-        platforms = args.platforms.split(",") if args.platforms else None
+    resolution = args.resolution or pipe.resolution
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    platforms = args.platforms.split(",") if args.platforms else None
+    with cli.user_inputs():  # a resolution the model cannot take
         exported, weights = export_sampler(
             pipe, batch=args.batch, height=height, width=width,
             settings=SamplerSettings(num_steps=args.steps, strength=args.strength, guidance_cutoff=True),
             bake_weights=args.bake_weights, platforms=platforms)
-        paths = write_export(args.out, exported, weights, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        log.error("%s", e)
-        return 1
+    paths = write_export(args.out, exported, weights, overwrite=args.overwrite)
     log.info("wrote %s (platforms %s; inputs %s)", ", ".join(map(str, paths)), ", ".join(exported.platforms),
              ", ".join(str(a) for a in exported.in_avals[len(exported.in_avals) - 6:]))
     return 0

@@ -29,6 +29,7 @@ from moebius_jax.convert.errors import CheckpointError
 from moebius_jax.convert.orbax_io import is_orbax_dir, restore_variables, save_variables
 from moebius_jax.convert.state_dict import read_state_dict
 from moebius_jax.convert.vae_keys import VAE_KEYMAP, normalise_vae_state
+from moebius_jax.errors import ConfigError
 from moebius_jax.models.vae import SD_VAE_CONFIG, AutoencoderKL, VaeConfig
 
 PathLike = str | os.PathLike
@@ -49,7 +50,10 @@ def load_vae_config(config: PathLike | Mapping[str, Any] | VaeConfig | None) -> 
         path = path / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"VAE config not found: {path}")
-    return VaeConfig.from_dict(json.loads(path.read_text()))
+    try:
+        return VaeConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, AttributeError) as e:  # invalid JSON, unsupported or mistyped fields
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def abstract_vae_variables(vae: AutoencoderKL) -> dict[str, Any]:
@@ -80,6 +84,24 @@ def _weights_file(folder: pathlib.Path) -> pathlib.Path:
     )
 
 
+def vae_module(
+    path: PathLike, *, config: PathLike | Mapping[str, Any] | VaeConfig | None = None, dtype: Any = None
+) -> AutoencoderKL:
+    """The module `load_vae(path, config=config, dtype=dtype)` builds, from the config alone: a
+    folder's config.json (fetched alone for a Hub folder), else `config`, else the SD 1.x VAE."""
+    if hub.is_hub_id(path):
+        spec = os.fspath(path)
+        if config is None and not pathlib.PurePosixPath(spec).suffix:  # a folder, not one LDM file
+            config = hub.fetch(f"{spec.rstrip('/')}/{CONFIG_FILE}")
+    else:
+        path = pathlib.Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"VAE weights not found: {path}")
+        if config is None and path.is_dir():
+            config = path
+    return AutoencoderKL(load_vae_config(config), dtype=dtype)
+
+
 def load_vae(
     path: PathLike, *, config: PathLike | Mapping[str, Any] | VaeConfig | None = None, dtype: Any = None
 ) -> tuple[AutoencoderKL, dict[str, Any]]:
@@ -89,38 +111,19 @@ def load_vae(
     `config` overrides the folder's config.json and is the only config source for an LDM
     file (default: the SD 1.x VAE). `dtype` is the compute dtype; parameters stay float32.
     """
+    vae = vae_module(path, config=config, dtype=dtype)
     if hub.is_hub_id(path):
-        return _load_hub_vae(os.fspath(path), config, dtype)
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"VAE weights not found: {path}")
-    if path.is_dir():
-        vae_config = load_vae_config(config if config is not None else path)
-        vae = AutoencoderKL(vae_config, dtype=dtype)
-        if is_orbax_dir(path):
-            variables = restore_variables(path, abstract_vae_variables(vae))
-        else:
-            weights = _weights_file(path)
-            variables = vae_variables_from_state(read_state_dict(weights), vae, str(weights))
+        spec = os.fspath(path)
+        weights = hub.fetch(spec) if pathlib.PurePosixPath(spec).suffix else hub.fetch(spec, hub.WEIGHT_FILES)
+        variables = hub.converted_variables(
+            [weights], "vae", lambda: vae_variables_from_state(read_state_dict(weights), vae, str(weights)),
+            abstract_vae_variables(vae))
+    elif is_orbax_dir(pathlib.Path(path)):
+        variables = restore_variables(path, abstract_vae_variables(vae))
     else:
-        vae = AutoencoderKL(load_vae_config(config), dtype=dtype)
-        variables = vae_variables_from_state(read_state_dict(path), vae, str(path))
-    return vae, jax.tree.map(jnp.asarray, variables)
-
-
-def _load_hub_vae(spec: str, config: PathLike | Mapping[str, Any] | VaeConfig | None, dtype: Any
-                  ) -> tuple[AutoencoderKL, dict[str, Any]]:
-    """A Hub diffusers folder (config.json + weights) or LDM file, converted once into the cache."""
-    if pathlib.PurePosixPath(spec).suffix:  # one LDM file: no config.json beside it
-        weights = hub.fetch(spec)
-    else:
-        if config is None:
-            config = hub.fetch(f"{spec.rstrip('/')}/{CONFIG_FILE}")
-        weights = hub.fetch(spec, hub.WEIGHT_FILES)
-    vae = AutoencoderKL(load_vae_config(config), dtype=dtype)
-    variables = hub.converted_variables(
-        [weights], "vae", lambda: vae_variables_from_state(read_state_dict(weights), vae, str(weights)),
-        abstract_vae_variables(vae))
+        path = pathlib.Path(path)
+        weights = _weights_file(path) if path.is_dir() else path
+        variables = vae_variables_from_state(read_state_dict(weights), vae, str(weights))
     return vae, jax.tree.map(jnp.asarray, variables)
 
 

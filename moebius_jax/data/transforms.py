@@ -27,15 +27,10 @@ from scipy import ndimage
 
 from moebius_jax.data.masks import MaskGeneratorConfig, generate_mask
 from moebius_jax.data.sources import DataSourceError, ImageRef, Item
+from moebius_jax.latents import task_ids
 
 logger = logging.getLogger(__name__)
 
-NUM_INPUT_IDS = 10
-# Background (inpaint with scene content) vs foreground (object) task ids.
-INPUT_IDS: dict[str, np.ndarray] = {
-    "background": np.arange(0, NUM_INPUT_IDS, dtype=np.int32),
-    "foreground": np.arange(NUM_INPUT_IDS, 2 * NUM_INPUT_IDS, dtype=np.int32),
-}
 DILATE_PROBA = 0.99
 # What can go wrong decoding a file; anything else (a bug, a bad source) is not retried.
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -242,7 +237,7 @@ def prepare_sample(
     return {
         "image": np.ascontiguousarray(pixels),
         "mask": np.ascontiguousarray(mask),
-        "input_ids": INPUT_IDS[item.prompt].copy(),
+        "input_ids": task_ids(item.prompt),
     }
 
 

@@ -27,6 +27,7 @@ from PIL import Image
 from moebius_jax import hub, runtime
 from moebius_jax.config import ModelConfig, default_model_config, load_config
 from moebius_jax.convert.orbax_io import CONFIG_FILE, is_orbax_dir
+from moebius_jax.dtypes import DTYPES
 from moebius_jax.loading import load_model
 from moebius_jax.models.removal_model import RemovalModel
 from moebius_jax.models.vae import AutoencoderKL
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 RANDOM_SEED = -1  # asks for a seed drawn at random (and reported)
 HUGE_SIDE = 4096  # beyond this we warn: the model runs at `resolution` and the paste upsamples a lot
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 STRATEGIES = ("crop", "resize")
 
 
@@ -104,10 +104,10 @@ class InpaintPipeline:
 
     def __init__(self, model: RemovalModel, unet_variables: Any, vae: AutoencoderKL, vae_variables: Any,
                  *, resolution: int = 512):
-        self.model, self.unet_variables = model, unet_variables
-        self.vae, self.vae_variables = vae, vae_variables
+        self.sampler = Sampler(model, vae)  # spreads each batch over the local devices
+        self.model, self.unet_variables = model, self.sampler.place(unet_variables)
+        self.vae, self.vae_variables = vae, self.sampler.place(vae_variables)
         self.resolution = resolution
-        self.sampler = Sampler(model, vae, model.config.num_embeddings)
         self.timing = Timing()
         self.last_seed: int | None = None  # the seed of the latest call (after resolving -1)
 

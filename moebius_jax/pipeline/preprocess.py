@@ -17,6 +17,7 @@ from types import ModuleType
 import numpy as np
 from PIL import Image
 
+from moebius_jax import latents
 from moebius_jax.data.transforms import dilate
 from moebius_jax.pipeline.image_io import ImageSource, load_image, load_mask
 
@@ -142,8 +143,7 @@ def model_arrays(image_u8, mask_u8, xp: ModuleType = np) -> tuple:
     mask = (mask_u8 >= 128).astype(xp.uint8)[..., None]
     # A product, not a select: negative pixels become -0.0 exactly as in the reference.
     masked_image = image * (1 - mask)
-    # PyTorch's legacy "nearest" picks the top-left pixel of each 8×8 cell.
-    latent_mask = mask[..., ::LATENT_DOWNSAMPLE, ::LATENT_DOWNSAMPLE, :].astype(xp.float32)
+    latent_mask = latents.latent_mask(mask, LATENT_DOWNSAMPLE).astype(xp.float32)
     return image, mask, masked_image, latent_mask
 
 
