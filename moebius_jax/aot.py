@@ -78,6 +78,12 @@ class Chip:
         """Peak FLOP/s at a compute dtype ("bfloat16", "float32", ...)."""
         return self.peak_flops_f32 if dtype == "float32" else self.peak_flops
 
+    def roofline(self, flops: float, bytes_accessed: float) -> tuple[float, str]:
+        """(seconds, bound): the lower bound flops and bytes set at the bfloat16 peak and the HBM
+        bandwidth, max(flops / peak, bytes / bandwidth), and which of the two sets it."""
+        compute, memory = flops / self.peak_flops, bytes_accessed / self.hbm_bandwidth
+        return max(compute, memory), ("compute" if compute >= memory else "memory")
+
 
 # Per device as JAX sees it (one chip for these TPUs, whose TensorCores are fused "megacore" or
 # single), keyed by a substring of `device_kind`, most specific first. Sources:
@@ -127,6 +133,12 @@ def target_devices(target: str) -> list[jax.Device]:
     raise UserError(f"target {target!r}: expected tpu:<topology> (e.g. tpu:v5e:2x2), gpu or cpu")
 
 
+def topology_target(topology: str) -> str:
+    """The target of a `--topology` value: a TPU topology name (`v5e:2x2`) or a target itself
+    (`tpu:v5e:2x2`, `gpu`, `cpu`)."""
+    return topology if topology in ("gpu", "cpu") or topology.startswith("tpu:") else f"tpu:{topology}"
+
+
 def target_slug(target: str, devices: Sequence[jax.Device]) -> str:
     """A file-name stem for a target: `tpu:v5e:2x2` -> `tpu-v5e-2x2`, `gpu` on an H200 -> `gpu-nvidia-h200`."""
     kind, _, topology = target.partition(":")
@@ -143,6 +155,10 @@ def versions() -> dict[str, str | None]:
             return None
 
     return {package: version(package) for package in ("jax", "jaxlib", "libtpu")}
+
+
+class DoesNotFit(UserError):
+    """A compiled program needs more memory per chip than the target's chips have."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +189,9 @@ class CompileReport:
     # How loops are costed: "no loops"; "per iteration" (scan bodies compiled alone and counted
     # once per iteration); "body once" (XLA's own count: a multi-device program's loops).
     loop_cost: str = "no loops"
+    # The whole program's flops on all devices together, before partitioning (`model_flops`):
+    # what MFU divides by. Work the partitioned program repeats on several devices is not in it.
+    model_flops: float | None = None
 
     @property
     def memory_bytes(self) -> int:
@@ -194,17 +213,28 @@ class CompileReport:
 
     @property
     def roofline_seconds(self) -> float | None:
-        """The lower bound flops and bytes set at the chip's bf16 peak and HBM bandwidth:
-        max(flops / peak, bytes / bandwidth)."""
-        if self.chip is None:
-            return None
-        return max(self.compute_seconds, self.memory_seconds)
+        """`Chip.roofline`'s time for these flops and bytes (None for chips the table lacks)."""
+        return None if self.chip is None else self.chip.roofline(self.flops, self.bytes_accessed)[0]
 
     @property
     def bound(self) -> str | None:
-        if self.chip is None:
+        return None if self.chip is None else self.chip.roofline(self.flops, self.bytes_accessed)[1]
+
+    @property
+    def mfu(self) -> float | None:
+        """Model flops / (devices x peak x roofline time): the best MFU these figures allow."""
+        if self.chip is None or self.model_flops is None or not self.roofline_seconds:
             return None
-        return "compute" if self.compute_seconds >= self.memory_seconds else "memory"
+        return self.model_flops / (self.devices * self.chip.peak_flops * self.roofline_seconds)
+
+    def check_fits(self) -> None:
+        """Raise `DoesNotFit` (a one-line user error naming the per-chip memory and the HBM)
+        when the program needs more memory per chip than the chip has."""
+        if self.fits is False:
+            raise DoesNotFit(
+                f"{self.name} does not fit on {self.target}: it needs {self.memory_bytes / GiB:.2f} GiB per chip "
+                f"(temporaries {self.temp_bytes / GiB:.2f} GiB), a {self.chip.name} chip has "
+                f"{self.chip.hbm_bytes / GiB:.1f} GiB HBM")
 
     def to_json(self) -> dict[str, Any]:
         chip = self.chip
@@ -232,6 +262,8 @@ class CompileReport:
             "memory_seconds": self.memory_seconds,
             "roofline_seconds": self.roofline_seconds,
             "bound": self.bound,
+            "model_flops": self.model_flops,
+            "mfu": self.mfu,
             "collectives": [dataclasses.asdict(c) for c in self.collectives],
         }
 
@@ -254,6 +286,9 @@ class CompileReport:
             cost += (f"; roofline {self.roofline_seconds * 1e3:.2f} ms, {self.bound}-bound "
                      f"(compute {self.compute_seconds * 1e3:.2f} ms, memory {self.memory_seconds * 1e3:.2f} ms)")
         lines.append(cost)
+        if self.mfu is not None:
+            lines.append(f"  model {self.model_flops / gb:.1f} GFLOP on all {self.devices} device(s): "
+                         f"MFU at most {100 * self.mfu:.1f}% (model flops / (devices x peak x roofline))")
         if self.collectives:
             lines.append("  collectives: " + ", ".join(
                 f"{c.kind} x{c.count} ({c.bytes / 2**20:.1f} MiB)" for c in self.collectives))
@@ -331,12 +366,48 @@ def _compiled_body_cost(device: jax.Device) -> Callable[[jex.core.ClosedJaxpr], 
     return cost
 
 
+def _lowered_flops(closed: jex.core.ClosedJaxpr) -> float:
+    """XLA's flop count of a jaxpr lowered (not compiled) for this host's CPU: the program as
+    written, unpartitioned (a TPU topology's lowered programs carry no cost analysis)."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    args = [jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=cpu) for aval in closed.in_avals]
+    return float(xla_cost(jax.jit(jex.core.jaxpr_as_fun(closed)).lower(*args)).get("flops", 0.0))
+
+
+def model_flops(traced: jax.stages.Traced) -> float:
+    """The flops of a whole traced program on all its devices together, loops counted per
+    iteration (what MFU divides by)."""
+    closed = traced.jaxpr
+    return _lowered_flops(closed) + loop_correction(closed.jaxpr, _lowered_flops)
+
+
+def _compile_uncached(traced: jax.stages.Traced) -> jax.stages.Compiled:
+    """Lower and compile without writing to JAX's persistent compilation cache: a compile-only
+    TPU executable can be written there but never read back (every later lookup warns), and a
+    report's compile seconds are the compiler's, not a cache lookup's."""
+    option = "jax_persistent_cache_min_compile_time_secs"
+    previous = getattr(jax.config, option)
+    jax.config.update(option, float("inf"))
+    try:
+        return traced.lower().compile()
+    finally:
+        jax.config.update(option, previous)
+
+
 def compile_traced(traced: jax.stages.Traced, *, name: str = "program", target: str = ""
                    ) -> tuple[CompileReport, jax.stages.Compiled]:
     """Compile a traced program (abstract arguments with shardings: they name the devices) and
-    report XLA's figures. `target` is only a label."""
+    report XLA's figures. `target` is only a label. A program the compiler refuses for lack of
+    device memory raises `DoesNotFit`; one it accepts may still report `fits` False."""
     start = time.perf_counter()
-    compiled = traced.lower().compile()
+    try:
+        compiled = _compile_uncached(traced)
+    except jax.errors.JaxRuntimeError as e:
+        # XLA:TPU refuses, at compile time, a program whose buffers exceed the chip's HBM.
+        if not str(e).startswith("RESOURCE_EXHAUSTED"):
+            raise
+        reason = str(e).removeprefix("RESOURCE_EXHAUSTED:").strip().splitlines()[0]
+        raise DoesNotFit(f"{name} does not fit on {target or 'the target'}: {reason}") from None
     seconds = time.perf_counter() - start
     devices = _devices_of((compiled.input_shardings, compiled.output_shardings))
     cost = xla_cost(compiled)
@@ -365,6 +436,7 @@ def compile_traced(traced: jax.stages.Traced, *, name: str = "program", target: 
         collectives=collectives(compiled.as_text()),
         chip=chip_of(devices[0]),
         loop_cost=loop_cost,
+        model_flops=model_flops(traced),
     )
     return report, compiled
 
