@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     run_case: Callable[[Case], dict[str, Any]]
     if args.target:
         devices = aot.target_devices(args.target)
-        mode, cases = ("quick" if args.quick else "full"), target_plan(args.quick)
+        mode, cases = ("quick" if args.quick else "full"), target_plan(args.quick, args.target)
         slug = aot.target_slug(args.target, devices)
         run_case = functools.partial(measure_target, target=args.target)
     else:
