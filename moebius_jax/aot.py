@@ -441,6 +441,28 @@ def compile_traced(traced: jax.stages.Traced, *, name: str = "program", target: 
     return report, compiled
 
 
+def check_arguments_fit(args: Any, *, name: str = "program", target: str = "") -> None:
+    """Raise `DoesNotFit` before compiling (minutes saved) when the arguments alone — abstract
+    values with shardings — need more memory on some chip than it has. Leaves without a
+    sharding, and chips the table lacks, are not checked."""
+    per_device: dict[int, int] = {}
+    chips: dict[int, Chip | None] = {}
+    for leaf in jax.tree.leaves(args):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None:
+            continue
+        nbytes = int(np.prod(sharding.shard_shape(leaf.shape), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+        for device in sharding.device_set:
+            per_device[device.id] = per_device.get(device.id, 0) + nbytes
+            chips.setdefault(device.id, chip_of(device))
+    for device_id, used in per_device.items():
+        chip = chips[device_id]
+        if chip is not None and used > chip.hbm_bytes:
+            raise DoesNotFit(f"{name} does not fit on {target or 'the target'}: its arguments alone need "
+                             f"{used / GiB:.2f} GiB per chip, a {chip.name} chip has {chip.hbm_bytes / GiB:.1f} GiB "
+                             "HBM (nothing was compiled)")
+
+
 def compile_report(
     fn: Callable[..., Any] | jax.stages.Wrapped,
     *args: Any,
@@ -449,7 +471,8 @@ def compile_report(
     static_kwargs: dict[str, Any] | None = None,
 ) -> tuple[CompileReport, jax.stages.Compiled]:
     """Trace `fn` (jitted or not; shardings set on the abstract `args` by the caller), compile
-    it and report XLA's figures (see `compile_traced`)."""
+    it and report XLA's figures (see `compile_traced`; `check_arguments_fit` first)."""
+    check_arguments_fit(args, name=name, target=target)
     jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
     return compile_traced(jitted.trace(*args, **(static_kwargs or {})), name=name, target=target)
 

@@ -52,6 +52,7 @@ def compile_sampler(target: str, *, config: str | os.PathLike | ModelConfig | No
     weights = (abstract_variables(model, cfg), abstract_vae_variables(vae_module))
     args = (*aot.abstract(weights, replicated), *aot.abstract(data, spread), *aot.abstract(scalars, replicated))
     name = f"sampler ({steps} steps, {batch_size} image(s) of {side}², {dtype})"
+    aot.check_arguments_fit(args, name=name, target=target)
     return aot.compile_traced(sampler.trace(*args, settings=SamplerSettings(num_steps=steps)), name=name,
                               target=target)
 

@@ -25,23 +25,27 @@ from moebius_jax.vae_loading import vae_structure
 log = logging.getLogger(__name__)
 
 
-def trace_train_step(config: TrainConfig, target: str, vae_config: VaeConfig | None = None) -> jax.stages.Traced:
+def trace_train_step(config: TrainConfig, target: str, vae_config: VaeConfig | None = None,
+                     name: str = "train step") -> jax.stages.Traced:
     """The train step `config` describes, traced for a mesh of every device of `target` (see
-    `moebius_jax.aot.target_devices`) on abstract, sharded arguments. `vae_config`: the VAE's
-    structure (default `vae_structure(config.vae)`: no weights are read)."""
+    `moebius_jax.aot.target_devices`) on abstract, sharded arguments (`DoesNotFit` if they
+    alone exceed a chip's HBM). `vae_config`: the VAE's structure (default
+    `vae_structure(config.vae)`: no weights are read)."""
     mesh = mesh_from_config(config.mesh, aot.target_devices(target))
     if config.data.batch_size % mesh.size:
         raise ConfigError(f"the global batch {config.data.batch_size} is split over the {mesh.size} devices of "
                           f"{target}: expected a multiple of {mesh.size}", field=("data", "batch_size"))
     networks = Networks.from_config(config, vae_config or vae_structure(config.vae))
     program = make_train_program(config, networks, mesh)
-    return program.step.trace(program.state, program.frozen, program.batch)
+    args = (program.state, program.frozen, program.batch)
+    aot.check_arguments_fit(args, name=name, target=target)
+    return program.step.trace(*args)
 
 
 def compile_train_step(config: TrainConfig, target: str, *, vae_config: VaeConfig | None = None,
                        name: str = "train_step") -> tuple[aot.CompileReport, jax.stages.Compiled]:
     """`trace_train_step`, compiled and reported."""
-    return aot.compile_traced(trace_train_step(config, target, vae_config), name=name, target=target)
+    return aot.compile_traced(trace_train_step(config, target, vae_config, name), name=name, target=target)
 
 
 def run_compile_only(config: TrainConfig, topology: str) -> int:
