@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t = pipe.timing
     report = {
-        "images": t.images, "failed": failures, "seed": seed, "compile_seconds": round(t.compile_seconds, 2),
+        "images": t.images, "failed": failures, "seed": seed, "trace_seconds": round(t.trace_seconds, 2),
+        "compile_seconds": round(t.compile_seconds, 2),
         "seconds_per_image": round(t.run_seconds / t.images, 4) if t.images else None,
         "compile_cache": COMPILE_CACHE.as_dict(),
     }

@@ -212,4 +212,5 @@ def test_first_run_with_no_flags_then_a_second_run_from_the_compilation_cache(tm
     assert first["compile_cache"] == {"dir": str(compile_dir), "hits": 0, "writes": first["compile_cache"]["writes"]}
     assert first["compile_cache"]["writes"] >= 1 and any(compile_dir.iterdir())
     assert second["compile_cache"]["hits"] >= 1 and second["compile_cache"]["writes"] == 0
+    assert second["trace_seconds"] > 0  # tracing is paid again; only XLA's work is cached
     assert np.array_equal(outputs[0], outputs[1])
