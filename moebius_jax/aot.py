@@ -1,7 +1,8 @@
 """Compile ahead of time for a target you may not have: fit, cost and collectives of a program.
 
-`python -m bench --target tpu:v5e:2x2`, `infer.py --compile-only --topology v5e:2x2` and
-`python -m moebius_jax.inspect_model CONFIG --target tpu:v5e:2x2` all go through here. A target is
+`python -m bench --target tpu:v5e:2x2`, `train.py --compile-only --topology v5e:4x4`,
+`infer.py --compile-only --topology v5e:2x2` and `python -m moebius_jax.inspect_model CONFIG
+--target tpu:v5e:2x2` all go through here. A target is
 
 * `tpu:<topology>` (`tpu:v5e:2x2`, `tpu:v5p:2x2x1`, `tpu:v6e:2x2`, `tpu:v5e:4x4` multi-host, ...):
   abstract TPU devices from libtpu (the `tpu` extra), which programs can be lowered and compiled
@@ -14,7 +15,10 @@ generated code) against the chip's HBM, flops and bytes accessed, the roofline t
 and the collectives in the compiled program (kind, count, bytes), so sharding mistakes show.
 XLA's cost analysis counts a loop body once whatever its trip count; for single-device
 programs each `scan` body is compiled alone and counted once per iteration (`loop_cost`).
-XLA's `optimal_seconds` is not used: it is unreliable (negative for the full student).
+XLA's `optimal_seconds` is not used: it is unreliable (negative for the full student). MFU
+divides the whole program's flops (lowered, before partitioning) by chips x peak x roofline.
+A program that cannot fit is refused with `DoesNotFit`: before compiling when its arguments
+alone exceed a chip's HBM, else when XLA:TPU refuses it, else by `CompileReport.check_fits`.
 """
 
 from __future__ import annotations
