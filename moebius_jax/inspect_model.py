@@ -31,7 +31,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 from flax import traverse_util
 

@@ -10,17 +10,18 @@ Everything is abstract, so a TPU topology compiles on any host with libtpu (the 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from moebius_jax import aot
 from moebius_jax.config import ModelConfig, default_model_config, load_config
 from moebius_jax.dtypes import DTYPES
 from moebius_jax.loading import abstract_variables, build_model
 from moebius_jax.models.vae import AutoencoderKL
-from moebius_jax.pipeline.sampler import Sampler, SamplerNoise, SamplerSettings
+from moebius_jax.pipeline.sampler import Sampler, SamplerNoise, SamplerSettings, local_mesh
 from moebius_jax.vae_loading import abstract_vae_variables, vae_structure
 
 
@@ -35,7 +36,7 @@ def compile_sampler(target: str, *, config: str | os.PathLike | ModelConfig | No
     cfg = load_config(default_model_config() if config is None else config)
     model, _ = build_model(cfg, DTYPES[dtype])
     vae_module = AutoencoderKL(vae_structure(vae), dtype=DTYPES[dtype])
-    mesh = jax.make_mesh((len(devices),), ("batch",), (AxisType.Auto,), devices=devices)
+    mesh = local_mesh(devices)
     sampler = Sampler(model, vae_module, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     spread = NamedSharding(mesh, PartitionSpec("batch"))
@@ -57,7 +58,7 @@ def compile_sampler(target: str, *, config: str | os.PathLike | ModelConfig | No
                               target=target)
 
 
-def run_compile_only(topology: str, **settings) -> int:
+def run_compile_only(topology: str, **settings: Any) -> int:
     """Print the sampler's report for `topology` (`compile_sampler`'s settings); 0 when it
     fits, a one-line `DoesNotFit` error (exit status 1 at the command line) when it does not."""
     report, _ = compile_sampler(aot.topology_target(topology), **settings)

@@ -72,9 +72,10 @@ class SamplerSettings:
     guidance_cutoff: bool = False
 
 
-def local_mesh() -> Mesh:
-    """A one-axis ("batch") mesh over this process's devices: where a sampler spreads its batch."""
-    devices = jax.local_devices()
+def local_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A one-axis ("batch") mesh over this process's devices (or `devices`, e.g. a TPU
+    topology's to compile for): where a sampler spreads its batch."""
+    devices = jax.local_devices() if devices is None else devices
     return jax.make_mesh((len(devices),), ("batch",), (AxisType.Auto,), devices=devices)
 
 
