@@ -3,7 +3,10 @@ and infer.py --compile-only commands). They need libtpu (the `tpu` extra, instal
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import json
 
 import pytest
 
@@ -17,6 +20,10 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec  # noqa: E402
 
 import infer  # noqa: E402
 import train  # noqa: E402
+from bench import __main__ as bench_cli  # noqa: E402
+from bench.harness import schema_errors  # noqa: E402
+from bench.report import render_target  # noqa: E402
+from bench.target import TARGET_FIELDS, TARGET_HEADER_FIELDS  # noqa: E402
 from moebius_jax import aot  # noqa: E402
 from moebius_jax.config import load_config  # noqa: E402
 from moebius_jax.errors import UserError  # noqa: E402
@@ -153,3 +160,26 @@ def test_infer_compile_only_refuses_an_absurd_batch(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: sampler (2 steps, 4096 image(s) of 1024², bfloat16) does not fit on tpu:v5e:2x2")
     assert "GiB per chip" in err and "HBM" in err
+
+
+def test_bench_target_plan_lists_the_train_steps(capsys):
+    assert bench_cli.main(["--target", TARGET, "--quick", "--list"]) == []
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert keys == ["student_forward.b1", "student_forward.b8", "student_forward.b1_float32_params",
+                    "vae_encode.128", "vae_decode.128", "pipeline.b1", "train_step.student_b8",
+                    "train_step.distill_b8"]
+
+
+@pytest.mark.slow  # a minute: one tiny-student compile
+def test_bench_target_record_and_report(tmp_path):
+    out = tmp_path / "tpu.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        bench_cli.main(["--target", TARGET, "--quick", "--only", "student_forward.b1", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert schema_errors(results["header"], TARGET_HEADER_FIELDS) == []
+    (record,) = results["measurements"]
+    assert schema_errors(record, TARGET_FIELDS) == []
+    assert record["memory"]["fits"] is True and record["flops"] > 1e8 and record["bound"] == "memory"
+    table = render_target(results).splitlines()
+    assert table[0].startswith(results["header"]["date"][:10] + ", target tpu:v5e:2x2: 4 × TPU v5 lite")
+    assert table[-1].startswith("| student_forward.b1 | moebius_tiny | bfloat16 / bfloat16 | 2×16×16×9 | 1 |")
