@@ -359,11 +359,11 @@ def format_report(ins: Inspection) -> str:
         "",
     ]
     total_flops = ins.cfg_step.flops if ins.cfg_step else None
-    step = ins.target_step
+    whole_step = ins.target_step
     header = f"{'module':30s} {'params':>13s} {'BN stats':>9s}"
     if total_flops:
         header += f" {'GFLOPs':>10s} {'share':>6s}"
-    if step is not None:
+    if whole_step is not None:
         header += f" | {'chip GFLOP':>10s} {'GB':>7s} {'roofline':>10s} {'bound':>7s}"
     lines += [header, "-" * len(header)]
 
@@ -387,7 +387,7 @@ def format_report(ins: Inspection) -> str:
         # Element-wise glue outside the rows: skip concatenations, the time sinusoid, the head's SiLU.
         rest = total_flops - sum(r.flops or 0.0 for r in ins.rows)
         lines.append(f"{'(between modules)':30s} {'':13s} {'':9s} {rest / 1e9:10.2f} {100 * rest / total_flops:5.1f}%")
-    whole = None if step is None else TargetCost(step.flops, step.bytes_accessed, step.chip)
+    whole = None if whole_step is None else TargetCost(whole_step.flops, whole_step.bytes_accessed, whole_step.chip)
     lines += ["-" * len(header), row("total", ins.params, ins.stats, total_flops, whole), ""]
     lines.append(f"parameters: {ins.params:,d} ({4 * ins.params / 2**20:,.1f} MiB float32); "
                  f"BatchNorm statistics: {ins.stats:,d}")
@@ -399,10 +399,10 @@ def format_report(ins: Inspection) -> str:
             f"{step.flops / 1e9:,.1f} GFLOPs; activation memory (XLA temporaries, {jax.default_backend()}) "
             f"{_memory(step.temp_bytes)}, arguments {_memory(step.argument_bytes)}"
         )
-    if step is not None:
-        lines += [f"on {step.target}, each row's modules compiled alone for one chip (the total: the whole "
-                  "step; a row's figures include reading its own inputs and weights, which the whole "
-                  "step may fuse away):", step.summary()]
+    if whole_step is not None:
+        lines += [f"on {whole_step.target}, each row's modules compiled alone for one chip (the total: the "
+                  "whole step; a row's figures include reading its own inputs and weights, which the whole "
+                  "step may fuse away):", whole_step.summary()]
     if ins.train_step:
         step = ins.train_step
         lines.append(
