@@ -73,12 +73,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="crop context on each side of the mask, as a fraction of its bounding box's long side")
     s.add_argument("--batch-size", type=cli.positive_int, default=8)
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    a = p.add_argument_group("compile only (no weights, images or accelerator needed)")
+    a.add_argument("--compile-only", action="store_true",
+                   help="compile the sampler for --topology at --resolution, --batch-size, --dtype, --steps and "
+                        "print its report (memory per chip, flops, roofline); exit status 1 if it does not fit")
+    a.add_argument("--topology", default="v5e:2x2",
+                   help="a TPU topology (v5e:2x2, v6e:2x2, ...; the tpu extra), or gpu / cpu for this host's devices")
     c = p.add_argument_group("compilation cache")
     c.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX's persistent compilation cache (default: $MOEBIUS_JAX_COMPILE_CACHE, else ~/.cache/moebius_jax/jax)")
     c.add_argument("--no-compile-cache", action="store_const", const="off", dest="compile_cache",
                    help="compile every run from scratch")
     args = p.parse_args(argv)
+    if args.compile_only:
+        return args
     single = [args.image, args.mask, args.out]
     folder = [args.image_dir, args.mask_dir, args.out_dir]
     if any(single) == any(folder):
@@ -170,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax"):  # per-restore chatter when the converted weights load
         logging.getLogger(noisy).setLevel(logging.WARNING)
     log = logging.getLogger("infer")
+    if args.compile_only:
+        from moebius_jax.pipeline.compile_only import run_compile_only
+
+        return run_compile_only(args.topology, config=args.config, vae=args.vae, resolution=args.resolution,
+                                batch_size=args.batch_size, dtype=args.dtype, steps=args.steps)
     from tqdm import tqdm
 
     jobs, fmt = plan_jobs(args, log)

@@ -51,11 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
     parser.add_argument("--print-shardings", action="store_true",
                         help="print every parameter's sharding on the mesh and exit (nothing is loaded or compiled)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the step for --topology and print its report (memory per chip, flops, "
+                             "roofline, collectives); exit status 1 if it does not fit. Nothing is loaded")
+    parser.add_argument("--topology", default="v5e:2x2",
+                        help="with --compile-only: a TPU topology (v5e:2x2, v5p:2x2x1, v5e:4x4, ...; the tpu "
+                             "extra), or gpu / cpu for this host's devices")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):  # per-save chatter and backend probing
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    if args.compile_only:  # before JAX starts its backends: aot prepares libtpu's environment
+        from moebius_jax import aot  # noqa: F401
 
     import jax
 
@@ -75,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_shardings:
         print("\n".join(describe_program(config)))
         return 0
+    if args.compile_only:
+        from moebius_jax.train.compile_only import run_compile_only
+
+        return run_compile_only(config, args.topology)
     check_workdir(pathlib.Path(args.workdir), args.resume)
     trainer = Trainer.build(config, args.workdir)  # the data are checked first, then the step compiles
     trainer.run(resume=args.resume, max_steps=args.max_steps)

@@ -6,6 +6,8 @@
     python -m bench --only student_forward vae_decode.512   # families or name.variant keys
     python -m bench --compile-only   # compile times, FLOPs and memory plans; nothing runs
     python -m bench --list           # the plan, without running anything
+    python -m bench --target tpu:v5e:2x2   # compile-only rows for a TPU topology (or gpu, cpu):
+                                           # bench/results/tpu-v5e-2x2.json (see bench/target.py)
 
 Each measurement is printed to stdout as one JSON line as it completes (progress goes to
 stderr) and the results file is rewritten after each, so an interrupted run keeps what it
@@ -15,11 +17,14 @@ bench.report` renders a results file as the README's markdown table.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from moebius_jax import aot  # first: it prepares libtpu's environment before JAX starts its backends
 from moebius_jax import cli
 from moebius_jax.errors import UserError
 from moebius_jax.io_safety import atomic_output, check_output_file
@@ -29,6 +34,7 @@ from bench.inference import FULL, FULL_CPU, FULL_CPU_ALL, QUICK, inference_cases
 from bench.training import FULL as TRAIN_FULL
 from bench.training import FULL_CPU as TRAIN_FULL_CPU
 from bench.training import FULL_CPU_ALL as TRAIN_FULL_CPU_ALL
+from bench.target import measure_target, target_header, target_plan
 from bench.training import TINY, training_cases
 from bench.versus_torch import torch_cases
 
@@ -95,9 +101,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=pathlib.Path, help="results file (default bench/results/<device>.json)")
     parser.add_argument("--compile-only", action="store_true", help="compile and analyse, run nothing")
     parser.add_argument("--list", action="store_true", help="print the plan and exit")
+    parser.add_argument("--target", metavar="TARGET",
+                        help="compile only, for tpu:<topology> (e.g. tpu:v5e:2x2; the tpu extra), gpu or cpu")
     args = parser.parse_args(argv)
 
-    mode, cases, repeats = plan(args.quick, args.all)
+    run_case: Callable[[Case], dict[str, Any]]
+    if args.target:
+        devices = aot.target_devices(args.target)
+        mode, cases = ("quick" if args.quick else "full"), target_plan(args.quick, args.target)
+        slug = aot.target_slug(args.target, devices)
+        run_case = functools.partial(measure_target, target=args.target)
+    else:
+        mode, cases, repeats = plan(args.quick, args.all)
+        slug = device_slug(device().device_kind)
+        run_case = functools.partial(measure, repeats=repeats, compile_only=args.compile_only)
     cases = select(cases, args.only)
     if args.list:
         for case in cases:
@@ -105,17 +122,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                   f"{'  (compile only)' if case.compile_only else ''}")
         return []
 
-    slug = device_slug(device().device_kind) + ("-quick" if args.quick else "")
-    out = check_output_file(args.out or RESULTS / f"{slug}.json", "--out")
+    out = check_output_file(args.out or RESULTS / f"{slug}{'-quick' if args.quick else ''}.json", "--out")
     # A partial run (--only) into the default file updates it instead of replacing it.
     kept = read_kept(out) if args.only and not args.out and out.exists() else []
-    run_header = header(mode)
-    progress(f"bench: {mode} mode on {run_header['device_kind']} ({run_header['cpu_count']} CPU cores), "
+    run_header = target_header(args.target, devices, mode) if args.target else header(mode)
+    where = f"target {args.target} ({run_header['device_kind']})" if args.target else run_header["device_kind"]
+    progress(f"bench: {mode} mode on {where} ({run_header['cpu_count']} CPU cores), "
              f"{len(cases)} case(s) -> {out}")
     records: list[dict[str, Any]] = []
     for i, case in enumerate(cases, 1):
         progress(f"[{i}/{len(cases)}] {case.key} ({case.config}, {case.dtype}, {'x'.join(map(str, case.shape))})")
-        record = measure(case, repeats, args.compile_only)
+        record = run_case(case)
         records.append(record)
         print(json.dumps(record), flush=True)
         write(out, run_header, records, kept)

@@ -1,6 +1,6 @@
 """The one measurement helper every benchmark goes through, and the result schema.
 
-A `Case` names a measurement and knows how to build its `Program` (how to lower it from
+A `Case` names a measurement and knows how to build its `Program` (how to trace it on
 abstract arguments, and how to make the concrete ones). `measure` lowers and compiles it
 ahead of time (timed), runs it for warm-up, then times N runs with `block_until_ready`, and
 returns one flat JSON-able dict (`MEASUREMENT_FIELDS` lists every key and its type). Nothing
@@ -35,6 +35,8 @@ from typing import Any
 import flax
 import jax
 import numpy as np
+
+from moebius_jax import aot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -91,32 +93,19 @@ HEADER_FIELDS: dict[str, tuple[type, ...]] = {
     "mode": (str,),  # "quick" | "full" | "all"
 }
 
-# Dense peak TFLOP/s per device (spec sheets), (bfloat16, float32) — float32 matmuls run as
-# TF32 on NVIDIA and as bf16 passes on TPU at JAX's default precision. Matched by substring
-# of device_kind; MFU is left out for anything not listed (CPUs).
-PEAK_TFLOPS: dict[str, tuple[float, float]] = {
-    "H200": (989.0, 494.0),
-    "H100": (989.0, 494.0),
-    "A100": (312.0, 156.0),
-    "TPU v4": (275.0, 275.0),
-    "TPU v5 lite": (197.0, 197.0),
-    "TPU v5p": (459.0, 459.0),
-    "TPU v6 lite": (918.0, 918.0),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class Program:
     """What to compile and call.
 
-    `lower(*abstract_args)` gives the jax Lowered; `make_args()` builds the concrete (dynamic)
+    `trace(*abstract_args)` gives the jax Traced (`bench.target` compiles the same program for
+    another target from its jaxpr and shardings); `make_args()` builds the concrete (dynamic)
     arguments, only when the program is going to run (compile-only cases never allocate
     them). `flops`, when set, replaces XLA's count (see the module docstring). `threaded`:
     each call returns the next call's first argument first, as a training step returns its
     (donated) state.
     """
 
-    lower: Callable[..., jax.stages.Lowered]
+    trace: Callable[..., jax.stages.Traced]
     abstract_args: tuple[Any, ...]
     make_args: Callable[[], tuple[Any, ...]]
     flops: float | None = None
@@ -214,11 +203,10 @@ def device_slug(kind: str) -> str:
 
 
 def peak_flops(kind: str, dtype: str) -> float | None:
-    """Dense peak FLOP/s of a device kind at a compute dtype, None when not in PEAK_TFLOPS."""
-    for pattern, (bf16, f32) in PEAK_TFLOPS.items():
-        if pattern in kind:
-            return (bf16 if dtype == "bfloat16" else f32) * 1e12
-    return None
+    """Dense peak FLOP/s of a device kind at a compute dtype (`moebius_jax.aot.CHIPS`), None
+    for kinds it does not list (CPUs): MFU is left out for those."""
+    chip = aot.chip_for_kind(kind)
+    return None if chip is None else chip.peak(dtype)
 
 
 def _xla_flops(compiled: jax.stages.Compiled) -> float | None:
@@ -289,7 +277,7 @@ def measure(case: Case, repeats: Repeats, compile_only: bool = False) -> dict[st
     program = case.build()
     progress(f"  compiling {case.key}")
     start = time.perf_counter()
-    compiled = program.lower(*program.abstract_args).compile()
+    compiled = program.trace(*program.abstract_args).lower().compile()
     compile_s = time.perf_counter() - start
     progress(f"  compiled in {compile_s:.1f} s")
 

@@ -21,6 +21,7 @@ import numpy as np
 from bench.harness import REPO, Case, Program
 from moebius_jax.config import ModelConfig
 from moebius_jax.latents import guidance_task_ids, latent_mask
+from moebius_jax.layers.linear import cast_weights
 from moebius_jax.loading import abstract_variables, build_model
 from moebius_jax.models.vae import SD_VAE_CONFIG, AutoencoderKL, VaeConfig, tile_starts
 from moebius_jax.pipeline.sampler import ALWAYS_GUIDE, Sampler, SamplerNoise, SamplerSettings
@@ -141,12 +142,20 @@ def _student_inputs(config: str, latent: int, batch: int) -> tuple[np.ndarray, .
     return sample, np.array([CFG_TIMESTEP], np.int32), guidance_task_ids(batch // 2, cfg.unet.context_length)
 
 
-def student_forward(config: str, latent: int, batch: int, dtype: str) -> Program:
+def as_stored(variables: Any, param_dtype: str) -> Any:
+    """Variables (arrays or abstract values) as a sampler's loop reads them: matrices in
+    `param_dtype` (`cast_weights`, done once per call), the rest as loaded."""
+    if isinstance(jax.tree.leaves(variables)[0], jax.ShapeDtypeStruct):
+        return jax.eval_shape(lambda v: cast_weights(v, jnp.dtype(param_dtype)), variables)
+    return cast_weights(variables, jnp.dtype(param_dtype))
+
+
+def student_forward(config: str, latent: int, batch: int, dtype: str, param_dtype: str = "float32") -> Program:
     """One UNet call on a CFG batch (as in every sampler step), eval mode; returns the noise."""
     inputs = _student_inputs(config, latent, batch)
-    return Program(jax.jit(_student_forward_fn(config, dtype)).lower,
-                   (model_abstract(config)[1], *shapes(inputs)),
-                   lambda: (model_variables(config), *inputs))
+    return Program(jax.jit(_student_forward_fn(config, dtype)).trace,
+                   (as_stored(model_abstract(config)[1], param_dtype), *shapes(inputs)),
+                   lambda: (as_stored(model_variables(config), param_dtype), *inputs))
 
 
 def _vae_fn(config: str, method: str, dtype: str, **kwargs: Any) -> Callable[..., Any]:
@@ -164,7 +173,8 @@ def _vae_input(config: str, method: str, side: int, batch: int = 1) -> np.ndarra
     return rng.standard_normal((batch, latent, latent, cfg.latent_channels), np.float32)
 
 
-def vae(config: str, method: str, side: int, dtype: str = "float32", **kwargs: Any) -> Program:
+def vae(config: str, method: str, side: int, dtype: str = "float32", param_dtype: str = "float32",
+        **kwargs: Any) -> Program:
     """`AutoencoderKL.<method>` on one image of `side` pixels (kwargs: tile / overlap)."""
     x = _vae_input(config, method, side)
     flops = None
@@ -174,15 +184,18 @@ def vae(config: str, method: str, side: int, dtype: str = "float32", **kwargs: A
         tiles = len(tile_starts(side // factor, kwargs["tile"], kwargs["overlap"])) ** 2
         tile = shapes(_vae_input(config, "decode", kwargs["tile"] * factor))
         flops = tiles * lowered_flops(_vae_fn(config, "decode", dtype), vae_abstract(config), tile)
-    return Program(jax.jit(_vae_fn(config, method, dtype, **kwargs)).lower, (vae_abstract(config), shapes(x)),
-                   lambda: (vae_variables(config), x), flops)
+    return Program(jax.jit(_vae_fn(config, method, dtype, **kwargs)).trace,
+                   (as_stored(vae_abstract(config), param_dtype), shapes(x)),
+                   lambda: (as_stored(vae_variables(config), param_dtype), x), flops)
 
 
-def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = PIPELINE_STEPS) -> Program:
-    """The whole sampler program (encode x2, DDIM + CFG loop, decode) in float32, as `Sampler` compiles it."""
+def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = PIPELINE_STEPS,
+             dtype: str = "float32") -> Program:
+    """The whole sampler program (encode x2, DDIM + CFG loop, decode) at a compute dtype, as
+    `Sampler` compiles it (parameters as loaded: float32)."""
     cfg, unet_abstract = model_abstract(student)
     vae_cfg = VAE_CONFIGS[vae_config]
-    sampler = Sampler(build_model(cfg)[0], AutoencoderKL(vae_cfg))
+    sampler = Sampler(build_model(cfg, compute_dtype(dtype))[0], AutoencoderKL(vae_cfg, dtype=compute_dtype(dtype)))
     settings = SamplerSettings(num_steps=steps)
     factor = vae_cfg.downsample_factor
     latent = side // factor
@@ -198,13 +211,13 @@ def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = 
     # The denoising loop is a scan: sum its parts' counts (two encodes, the steps, one decode).
     num_steps = len(ddim_timesteps(steps, settings.strength))
     step_inputs = shapes(_student_inputs(student, latent, 2 * batch))
-    flops = (2 * lowered_flops(_vae_fn(vae_config, "encode", "float32"), vae_abstract(vae_config),
+    flops = (2 * lowered_flops(_vae_fn(vae_config, "encode", dtype), vae_abstract(vae_config),
                                shapes(_vae_input(vae_config, "encode", side, batch)))
-             + num_steps * lowered_flops(_student_forward_fn(student, "float32"), unet_abstract, *step_inputs)
-             + lowered_flops(_vae_fn(vae_config, "decode", "float32"), vae_abstract(vae_config),
+             + num_steps * lowered_flops(_student_forward_fn(student, dtype), unet_abstract, *step_inputs)
+             + lowered_flops(_vae_fn(vae_config, "decode", dtype), vae_abstract(vae_config),
                              shapes(_vae_input(vae_config, "decode", side, batch))))
 
-    return Program(functools.partial(sampler.lower, settings=settings),
+    return Program(functools.partial(sampler.trace, settings=settings),
                    (unet_abstract, vae_abstract(vae_config), *shapes(inputs)),
                    lambda: (model_variables(student), vae_variables(vae_config), *inputs), flops)
 

@@ -1,6 +1,7 @@
 """Render a results file as the README's markdown performance table.
 
     python -m bench.report [bench/results/cpu.json]
+    python -m bench.report bench/results/tpu-v5e-2x2.json   # a --target file: compile-only figures
 """
 
 from __future__ import annotations
@@ -75,12 +76,56 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _gigabytes(value: float) -> str:
+    return f"{value / 1e9:.2f} GB" if value >= 1e8 else f"{value / 1e6:.1f} MB"
+
+
+def _collectives(items: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{c['kind']} ×{c['count']} ({c['bytes'] / 2**20:.1f} MiB)" for c in items) or "none"
+
+
+def target_row(m: dict[str, Any]) -> str:
+    memory = m["memory"]
+    used = _bytes(memory["total"], None)
+    if memory["hbm"] is not None:
+        used += f" of {memory['hbm'] / 2**30:.0f} GiB" + ("" if memory["fits"] else " **does not fit**")
+    roofline = "—" if m["roofline_seconds"] is None else f"{_seconds(m['roofline_seconds'])} ({m['bound']})"
+    cells = [f"{m['name']}.{m['variant']}", m["config"], f"{m['dtype']} / {m['param_dtype']}",
+             "×".join(map(str, m["shape"])), str(m["devices"]), f"{m['compile_seconds']:.0f} s", used,
+             _bytes(memory["generated_code"], None), _flops(m["flops"]), _gigabytes(m["bytes_accessed"]),
+             roofline, "—" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%", _collectives(m["collectives"])]
+    return "| " + " | ".join(cells) + " |"
+
+
+def render_target(results: dict[str, Any]) -> str:
+    """A `--target` file: a caption (date, topology, chip, versions) and one row per program."""
+    h = results["header"]
+    chip = h["chip"]
+    facts = ("" if chip is None else f" ({chip['name']}: {chip['hbm_bytes'] / 2**30:.0f} GiB HBM, "
+             f"{chip['peak_flops'] / 1e12:.0f} TFLOP/s bf16, {chip['hbm_bandwidth'] / 1e9:.0f} GB/s)")
+    commit = (h["git_commit"] or "unknown")[:7] + (" + local changes" if h["git_dirty"] else "")
+    libtpu = f", libtpu {h['libtpu_version']}" if h["libtpu_version"] else ""
+    caption = (f"{h['date'][:10]}, target {h['target']}: {h['device_count']} × {h['device_kind']}{facts}; "
+               f"jax {h['jax_version']}, jaxlib {h['jaxlib_version']}{libtpu}; commit {commit}; "
+               f"`python -m bench --target {h['target']}` {h['mode']} mode, compiled on {h['cpu_count']} CPU "
+               f"cores, nothing run. Per chip: memory = arguments + outputs + temporaries + code (XLA's plan), "
+               f"FLOPs and bytes accessed from XLA's cost analysis (loops counted per iteration on one chip); "
+               f"roofline = max(FLOPs / peak, bytes / bandwidth) and what bounds it; MFU = the whole "
+               f"program's FLOPs / (chips × peak × roofline), the best the figures allow.")
+    columns = ["Program", "Config", "dtype / params", "Input", "Chips", "Compile", "Memory per chip", "Code",
+               "FLOPs", "Bytes", "Roofline", "MFU", "Collectives"]
+    lines = [caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += [target_row(m) for m in results["measurements"]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="?", type=pathlib.Path, default=REPO / "bench" / "results" / "cpu.json")
     args = parser.parse_args(argv)
-    print(render(json.loads(args.results.read_text())))
+    results = json.loads(args.results.read_text())
+    print(render_target(results) if "target" in results["header"] else render(results))
 
 
 if __name__ == "__main__":

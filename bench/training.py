@@ -81,7 +81,7 @@ def train_step(setup: TrainSetup, distill: bool, dtype: str) -> Program:
         return create(model_variables(setup.student)), frozen, batch
 
     # The loop donates the state; the harness threads each call's new state into the next.
-    return Program(jax.jit(step, donate_argnums=(0,)).lower,
+    return Program(jax.jit(step, donate_argnums=(0,)).trace,
                    (jax.eval_shape(create, student_abstract), abstract_frozen, shapes(batch)),
                    make_args, threaded=True)
 

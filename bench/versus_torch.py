@@ -351,7 +351,14 @@ def _torch_program(module: nn.Module, inputs: tuple[torch.Tensor, ...], jax_outp
         details["torch_threads"] = torch.get_num_threads()
         details["max_rel_diff_vs_jax"] = _relative_difference(jax_output, module(*inputs))
     progress(f"  torch vs ours: max |difference| / max |ours| = {details['max_rel_diff_vs_jax']:.2e}")
-    return Program(lambda: type("Lowered", (), {"compile": lambda self: Compiled()})(), (), lambda: ())
+    class Stages:  # what the harness calls: trace(...).lower().compile()
+        def lower(self) -> Stages:
+            return self
+
+        def compile(self) -> Compiled:
+            return Compiled()
+
+    return Program(lambda: Stages(), (), lambda: ())
 
 
 def torch_student(config: str, latent: int, details: dict[str, Any]) -> Program:

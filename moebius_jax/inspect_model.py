@@ -2,6 +2,7 @@
 classifier-free-guidance step, and a validity check.
 
     python -m moebius_jax.inspect_model CONFIG [--resolution 512 | HxW] [--batch B] [--no-flops] [--no-compile] [--train]
+    python -m moebius_jax.inspect_model CONFIG --target tpu:v5e:2x2 [--dtype bfloat16]
 
 Nothing is allocated: parameter shapes come from `jax.eval_shape`; FLOPs from XLA's cost
 analysis of the lowered program on abstract inputs (with loop bodies, e.g. GLA's chunk scan,
@@ -10,6 +11,12 @@ compiled program's buffer assignment (`memory_analysis`, for the backend JAX run
 CPU figure is an estimate of what an accelerator needs). One CFG step is one forward at batch
 2B (conditional and unconditional halves), as the sampler runs it. Per-module FLOPs come from
 lowering each report row's modules alone on the shapes they see in the full forward.
+
+`--target` (`tpu:<topology>` with the `tpu` extra, or `gpu`) also compiles each row's modules
+alone for one chip of the target, weights as the sampler's loop reads them (`cast_weights`),
+and the whole CFG step: per row the target compiler's flops and bytes accessed, the roofline
+time they set on that chip and whether memory or compute bounds it, so a memory-bound mixer
+shows (`moebius_jax.aot`). Identical modules at identical shapes compile once.
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 from flax import traverse_util
 
-from moebius_jax import cli
+from moebius_jax import aot, cli
 from moebius_jax.config import ModelConfig, load_config
+from moebius_jax.dtypes import DTYPES
 from moebius_jax.errors import UserError
+from moebius_jax.layers.linear import cast_weights
 from moebius_jax.models.removal_model import RemovalModel
 
 # Blocks whose children are reported one kind at a time (attentions / resnets / samplers),
@@ -62,13 +70,32 @@ def _dotted(part: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class TargetCost:
+    """A target compiler's figures for one chip: flops and bytes accessed (summed over a row's
+    modules), and the roofline they set on the chip (`aot.Chip.roofline`)."""
+
+    flops: float
+    bytes_accessed: float
+    chip: aot.Chip | None
+
+    def __add__(self, other: TargetCost) -> TargetCost:
+        return TargetCost(self.flops + other.flops, self.bytes_accessed + other.bytes_accessed, self.chip)
+
+    @property
+    def roofline(self) -> tuple[float, str] | None:
+        return None if self.chip is None else self.chip.roofline(self.flops, self.bytes_accessed)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModuleRow:
-    """One report row: trained parameters, BatchNorm statistics, forward FLOPs (None: not measured)."""
+    """One report row: trained parameters, BatchNorm statistics, forward FLOPs (None: not
+    measured), and with a target its compiler's figures for the row's modules."""
 
     name: str
     params: int
     stats: int
     flops: float | None = None
+    on_target: TargetCost | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +117,7 @@ class Inspection:
     rows: tuple[ModuleRow, ...]
     cfg_step: StepCost | None = None
     train_step: StepCost | None = None
+    target_step: aot.CompileReport | None = None  # the whole CFG step compiled for the target
 
     @property
     def params(self) -> int:
@@ -114,9 +142,10 @@ def _is_row_root(path: tuple[str, ...]) -> bool:
     return bool(path) and len(path) == module_group(path)[1]
 
 
-def _traced_variables(config: ModelConfig) -> tuple[RemovalModel, dict[str, Any], list[str]]:
-    """The model, the shapes of all its variables (no allocation) and the report rows in call order."""
-    model = RemovalModel(config.unet)
+def _traced_variables(config: ModelConfig, dtype: Any = None) -> tuple[RemovalModel, dict[str, Any], list[str]]:
+    """The model (computing in `dtype`), the shapes of all its variables (no allocation) and
+    the report rows in call order."""
+    model = RemovalModel(config.unet, dtype=dtype)
     side = config.unet.sample_size
     order: dict[str, None] = {}
 
@@ -145,34 +174,14 @@ def _sizes_by_group(tree: Mapping[str, Any]) -> dict[str, int]:
     return sizes
 
 
-def _body_flops(body: Any) -> float:
-    """XLA's FLOP estimate of a closed jaxpr run once on abstract arguments."""
-    args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in body.jaxpr.invars]
-    return float(jax.jit(jex.core.jaxpr_as_fun(body)).lower(*args).cost_analysis()["flops"])
-
-
-def _loop_correction(jaxpr: Any) -> float:
-    """FLOPs XLA's analysis leaves out: it costs a loop body once whatever the trip count, so
-    each scan (GLA's chunk loop, for one) adds (length - 1) more bodies, nested scans included."""
-    extra = 0.0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "scan":
-            body, length = eqn.params["jaxpr"], eqn.params["length"]
-            extra += (length - 1) * _body_flops(body) + length * _loop_correction(body.jaxpr)
-        else:
-            extra += sum(_loop_correction(sub) for sub in jex.core.jaxprs_in_params(eqn.params))
-    return extra
-
-
 def xla_cost(fn: Any, *args: Any, compile_it: bool = True) -> StepCost:
     """FLOPs of `fn(*args)` (abstract args) from XLA's cost analysis of the lowered program, loops
     counted per iteration; with `compile_it`, the compiled program's buffer sizes too."""
     traced = jax.jit(fn).trace(*args)
-    lowered = traced.lower()
-    flops = float(lowered.cost_analysis()["flops"]) + _loop_correction(traced.jaxpr.jaxpr)
+    flops = aot.model_flops(traced)
     if not compile_it:
         return StepCost(flops, None, None)
-    memory = lowered.compile().memory_analysis()
+    memory = traced.lower().compile().memory_analysis()
     return StepCost(flops, getattr(memory, "temp_size_in_bytes", None), getattr(memory, "argument_size_in_bytes", None))
 
 
@@ -186,9 +195,11 @@ def _subtree(variables: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, A
     return out
 
 
-def _group_flops(model: RemovalModel, variables: Mapping[str, Any], inputs: tuple) -> dict[str, float]:
+def _group_costs(model: RemovalModel, variables: Mapping[str, Any], inputs: tuple, target: str | None = None
+                 ) -> tuple[dict[str, float], dict[str, TargetCost]]:
     """Forward FLOPs of each report row: trace the full forward once, recording the arguments
-    every row's root module is called with, then lower each root alone on those shapes."""
+    every row's root module is called with, then lower each root alone on those shapes; with
+    a `target`, also compile each root for one of its chips (`TargetCost` per row)."""
     calls: dict[tuple[str, ...], tuple[nn.Module, tuple, dict]] = {}
 
     def record(next_fun, args, kwargs, context):
@@ -201,15 +212,35 @@ def _group_flops(model: RemovalModel, variables: Mapping[str, Any], inputs: tupl
         jax.eval_shape(lambda v, *x: model.apply(v, *x).sample, variables, *inputs)
 
     flops: dict[str, float] = {}
-    for path, (module, args, kwargs) in calls.items():
+    on_target: dict[str, TargetCost] = {}
+    compiled: dict[str, TargetCost] = {}  # identical modules at identical shapes compile once
+    if target is not None:
+        from tqdm import tqdm
+
+        chip = aot.single_device(target)
+        # Weights as a sampler's loop reads them: matrices cast once to the compute dtype.
+        stored = jax.eval_shape(lambda v: cast_weights(v, model.dtype), variables)
+        items = tqdm(calls.items(), desc=f"compiling each module for {target}", unit="module", file=sys.stderr)
+    else:
+        items = calls.items()
+    for path, (module, args, kwargs) in items:
         # Arrays become abstract arguments; the rest (map sizes, train flags) stays static.
         leaves, treedef = jax.tree.flatten((args, kwargs))
         arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
         dynamic = [jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype) for i in arrays]
-        cost = xla_cost(_replay(module, leaves, treedef, arrays), _subtree(variables, path), dynamic, compile_it=False)
+        replay = _replay(module, leaves, treedef, arrays)
+        cost = xla_cost(replay, _subtree(variables, path), dynamic, compile_it=False)
         name = module_group(path)[0]
         flops[name] = flops.get(name, 0.0) + cost.flops
-    return flops
+        if target is not None:
+            weights = _subtree(stored, path)
+            key = repr((module, jax.tree.map(lambda x: (x.shape, x.dtype), (weights, dynamic))))
+            if key not in compiled:
+                report, _ = aot.compile_report(replay, aot.abstract(weights, chip), aot.abstract(dynamic, chip),
+                                               name=name, target=target)
+                compiled[key] = TargetCost(report.flops, report.bytes_accessed, report.chip)
+            on_target[name] = on_target[name] + compiled[key] if name in on_target else compiled[key]
+    return flops, on_target
 
 
 def _replay(module: nn.Module, leaves: list, treedef: Any, arrays: list[int]) -> Any:
@@ -243,11 +274,15 @@ def inspect_model(
     flops: bool = True,
     compile_it: bool = True,
     train: bool = False,
+    target: str | None = None,
+    dtype: str = "float32",
 ) -> Inspection:
     """Account for `config` at `resolution` (image pixels, side or (H, W)) for `images` per CFG step.
 
     Raises ValueError (from the config check, or for a resolution the network cannot run at).
-    `compile_it=False` skips compiling: FLOPs only, no memory figures.
+    `compile_it=False` skips compiling: FLOPs only, no memory figures. `target`: also compile
+    each row's modules and the CFG step for one chip of it (see the module docstring), at the
+    compute `dtype`.
     """
     cfg = load_config(config)
     if images < 1:
@@ -260,23 +295,33 @@ def inspect_model(
             f"(VAE factor {ratio} x {depth} for {len(cfg.unet.levels)} levels)"
         )
     latent_hw = (hw[0] // ratio, hw[1] // ratio)
-    model, variables, order = _traced_variables(cfg)
+    model, variables, order = _traced_variables(cfg, DTYPES[dtype])
     params = _sizes_by_group(variables["params"])
     stats = _sizes_by_group(variables.get("batch_stats", {}))
 
     group_flops: dict[str, float] = {}
-    cfg_step = train_step = None
-    if flops:
+    on_target: dict[str, TargetCost] = {}
+    cfg_step = train_step = target_step = None
+    if flops or target:
         inputs = _abstract_inputs(cfg, latent_hw, 2 * images)
-        group_flops = _group_flops(model, variables, inputs)
-        cfg_step = xla_cost(lambda v, *x: model.apply(v, *x).sample, variables, *inputs, compile_it=compile_it)
+        group_flops, on_target = _group_costs(model, variables, inputs, target)
+
+        def forward(v, *x):
+            return model.apply(v, *x).sample
+
+        cfg_step = xla_cost(forward, variables, *inputs, compile_it=compile_it)
+        if target is not None:
+            chip = aot.single_device(target)
+            stored = jax.eval_shape(lambda v: cast_weights(v, model.dtype), variables)
+            target_step, _ = aot.compile_report(forward, aot.abstract(stored, chip), *aot.abstract(inputs, chip),
+                                                name=f"CFG step ({dtype})", target=target)
         if train:
             train_step = _train_step_cost(model, variables, _abstract_inputs(cfg, latent_hw, images))
     names = list(dict.fromkeys([*order, *params, *stats]))  # forward order
     rows = tuple(
-        ModuleRow(n, params.get(n, 0), stats.get(n, 0), group_flops.get(n)) for n in names
+        ModuleRow(n, params.get(n, 0), stats.get(n, 0), group_flops.get(n), on_target.get(n)) for n in names
     )
-    return Inspection(cfg, latent_hw, images, rows, cfg_step, train_step)
+    return Inspection(cfg, latent_hw, images, rows, cfg_step, train_step, target_step)
 
 
 def _describe_levels(cfg: ModelConfig) -> list[str]:
@@ -314,24 +359,36 @@ def format_report(ins: Inspection) -> str:
         "",
     ]
     total_flops = ins.cfg_step.flops if ins.cfg_step else None
+    whole_step = ins.target_step
     header = f"{'module':30s} {'params':>13s} {'BN stats':>9s}"
     if total_flops:
         header += f" {'GFLOPs':>10s} {'share':>6s}"
+    if whole_step is not None:
+        header += f" | {'chip GFLOP':>10s} {'GB':>7s} {'roofline':>10s} {'bound':>7s}"
     lines += [header, "-" * len(header)]
 
-    def row(name: str, params: int, stats: int, flops: float | None) -> str:
+    def on_target(cost: TargetCost | None) -> str:
+        if cost is None:
+            return ""
+        text = f" | {cost.flops / 1e9:10.2f} {cost.bytes_accessed / 1e9:7.3f}"
+        if cost.roofline is not None:
+            text += f" {cost.roofline[0] * 1e3:7.3f} ms {cost.roofline[1]:>7s}"
+        return text
+
+    def row(name: str, params: int, stats: int, flops: float | None, cost: TargetCost | None = None) -> str:
         text = f"{name:30s} {params:13,d} {stats:9,d}"
         if total_flops and flops is not None:
             text += f" {flops / 1e9:10.2f} {100 * flops / total_flops:5.1f}%"
-        return text
+        return text + on_target(cost)
 
     for r in ins.rows:
-        lines.append(row(r.name, r.params, r.stats, r.flops))
+        lines.append(row(r.name, r.params, r.stats, r.flops, r.on_target))
     if total_flops:
         # Element-wise glue outside the rows: skip concatenations, the time sinusoid, the head's SiLU.
         rest = total_flops - sum(r.flops or 0.0 for r in ins.rows)
         lines.append(f"{'(between modules)':30s} {'':13s} {'':9s} {rest / 1e9:10.2f} {100 * rest / total_flops:5.1f}%")
-    lines += ["-" * len(header), row("total", ins.params, ins.stats, total_flops), ""]
+    whole = None if whole_step is None else TargetCost(whole_step.flops, whole_step.bytes_accessed, whole_step.chip)
+    lines += ["-" * len(header), row("total", ins.params, ins.stats, total_flops, whole), ""]
     lines.append(f"parameters: {ins.params:,d} ({4 * ins.params / 2**20:,.1f} MiB float32); "
                  f"BatchNorm statistics: {ins.stats:,d}")
     h, w = ins.latent_hw
@@ -342,6 +399,10 @@ def format_report(ins: Inspection) -> str:
             f"{step.flops / 1e9:,.1f} GFLOPs; activation memory (XLA temporaries, {jax.default_backend()}) "
             f"{_memory(step.temp_bytes)}, arguments {_memory(step.argument_bytes)}"
         )
+    if whole_step is not None:
+        lines += [f"on {whole_step.target}, each row's modules compiled alone for one chip (the total: the "
+                  "whole step; a row's figures include reading its own inputs and weights, which the whole "
+                  "step may fuse away):", whole_step.summary()]
     if ins.train_step:
         step = ins.train_step
         lines.append(
@@ -370,9 +431,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip compiling the step: FLOPs only, no memory figures (faster)")
     parser.add_argument("--train", action="store_true", help="also cost one training step (compiles the backward)")
+    parser.add_argument("--target", default=None,
+                        help="also compile each module for one chip of a target (tpu:v5e:2x2 with the tpu extra, "
+                             "gpu): its flops, bytes accessed, roofline and bound per row")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     args = parser.parse_args(argv)
+    if args.target is not None:
+        aot.target_devices(args.target)  # a bad target is refused before anything is traced
     try:
-        ins = inspect_model(args.config, args.resolution, args.batch, args.flops, args.compile, args.train)
+        ins = inspect_model(args.config, args.resolution, args.batch, args.flops, args.compile, args.train,
+                            args.target, args.dtype)
     except UserError as e:  # the config or resolution fails the check: the verdict, not a failure
         print(f"invalid: {e}", file=sys.stderr)
         return 2

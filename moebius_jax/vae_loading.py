@@ -102,6 +102,15 @@ def vae_module(
     return AutoencoderKL(load_vae_config(config), dtype=dtype)
 
 
+def vae_structure(path: PathLike | None) -> VaeConfig:
+    """The VAE's config without its weights or the network, for compiling ahead of time: a
+    local folder's config.json, else the SD VAE's, whose structure the SD and SDXL VAEs share
+    (they differ in scaling constants only)."""
+    if path is not None and not hub.is_hub_id(path) and pathlib.Path(path).is_dir():
+        return load_vae_config(path)
+    return SD_VAE_CONFIG
+
+
 def load_vae(
     path: PathLike, *, config: PathLike | Mapping[str, Any] | VaeConfig | None = None, dtype: Any = None
 ) -> tuple[AutoencoderKL, dict[str, Any]]:

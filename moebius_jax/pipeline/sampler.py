@@ -72,9 +72,10 @@ class SamplerSettings:
     guidance_cutoff: bool = False
 
 
-def local_mesh() -> Mesh:
-    """A one-axis ("batch") mesh over this process's devices: where a sampler spreads its batch."""
-    devices = jax.local_devices()
+def local_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A one-axis ("batch") mesh over this process's devices (or `devices`, e.g. a TPU
+    topology's to compile for): where a sampler spreads its batch."""
+    devices = jax.local_devices() if devices is None else devices
     return jax.make_mesh((len(devices),), ("batch",), (AxisType.Auto,), devices=devices)
 
 
@@ -160,7 +161,11 @@ class Sampler:
 
     def lower(self, *args: Any, settings: SamplerSettings) -> jax.stages.Lowered:
         """The sampling program for `__call__`'s positional arguments (arrays or ShapeDtypeStructs)."""
-        return self._jitted.lower(*args, settings=settings)
+        return self.trace(*args, settings=settings).lower()
+
+    def trace(self, *args: Any, settings: SamplerSettings) -> jax.stages.Traced:
+        """`lower`'s program before lowering (its jaxpr: what `moebius_jax.aot` costs loops from)."""
+        return self._jitted.trace(*args, settings=settings)
 
     def _sample(self, unet_variables, vae_variables, image, masked_image, latent_mask, noise,
                 guidance_scale, noise_offset, cfg_until, *, settings: SamplerSettings) -> SamplerOutput:

@@ -24,7 +24,7 @@ from moebius_jax.dtypes import DTYPES
 from moebius_jax.errors import ConfigError
 from moebius_jax.loading import abstract_variables, build_model, init_variables, load_weights
 from moebius_jax.models.removal_model import RemovalModel
-from moebius_jax.models.vae import AutoencoderKL
+from moebius_jax.models.vae import AutoencoderKL, VaeConfig
 from moebius_jax.train.config import TrainConfig
 from moebius_jax.train.mesh import (batch_sharding, describe_shardings, mesh_from_config, replicated,
                                     tree_shardings, with_shardings)
@@ -47,9 +47,11 @@ class Networks:
     extra_loss: ExtraLoss | None = None  # E-LatentLPIPS, when its weight is non-zero
 
     @classmethod
-    def from_config(cls, config: TrainConfig) -> Networks:
+    def from_config(cls, config: TrainConfig, vae_config: VaeConfig | None = None) -> Networks:
+        """`vae_config`: the VAE's structure, for compiling without its folder (else read from it)."""
         student, student_config = build_model(config.model, DTYPES[config.dtype], config.remat)
-        vae = vae_module(config.vae, dtype=DTYPES[config.dtype])
+        vae = (vae_module(config.vae, dtype=DTYPES[config.dtype]) if vae_config is None
+               else AutoencoderKL(vae_config, dtype=DTYPES[config.dtype]))
         teacher = teacher_config = None
         if config.teacher.config is not None:
             teacher, teacher_config = build_model(config.teacher.config, DTYPES[config.teacher.dtype])

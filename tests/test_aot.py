@@ -1,0 +1,185 @@
+"""Compile-only reports for a TPU topology on a host without one (moebius_jax.aot, the train.py
+and infer.py --compile-only commands). They need libtpu (the `tpu` extra, installed in CI)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+
+import pytest
+
+if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]')", allow_module_level=True)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from conftest import ROOT, fixture_path  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec  # noqa: E402
+
+import infer  # noqa: E402
+import train  # noqa: E402
+from bench import __main__ as bench_cli  # noqa: E402
+from bench.harness import schema_errors  # noqa: E402
+from bench.report import render_target  # noqa: E402
+from bench.target import TARGET_FIELDS, TARGET_HEADER_FIELDS  # noqa: E402
+from moebius_jax import aot  # noqa: E402
+from moebius_jax.config import load_config  # noqa: E402
+from moebius_jax.errors import UserError  # noqa: E402
+from moebius_jax.latents import guidance_task_ids  # noqa: E402
+from moebius_jax.loading import abstract_variables, build_model  # noqa: E402
+
+TARGET = "tpu:v5e:2x2"
+TINY = ROOT / "configs" / "moebius_tiny.yaml"
+
+
+def _student_step(images: int, latent: int) -> tuple[object, tuple]:
+    """The tiny student's CFG step (bfloat16) and its abstract arguments on one v5e chip."""
+    cfg = load_config(TINY)
+    model, _ = build_model(cfg, jnp.bfloat16)
+
+    def step(variables, sample, timesteps, ids):
+        return model.apply(variables, sample, timesteps, ids).sample
+
+    chip = aot.single_device(TARGET)
+    rows = 2 * images
+    args = (aot.abstract(abstract_variables(model, cfg), chip),
+            jax.ShapeDtypeStruct((rows, latent, latent, cfg.unet.in_channels), jnp.float32, sharding=chip),
+            jax.ShapeDtypeStruct((1,), jnp.int32, sharding=chip),
+            aot.abstract(jnp.asarray(guidance_task_ids(images, cfg.unet.context_length)), chip))
+    return jax.jit(step), args
+
+
+@pytest.fixture(scope="module")
+def student_report() -> aot.CompileReport:
+    step, args = _student_step(images=1, latent=16)
+    report, _ = aot.compile_report(step, *args, name="tiny student", target=TARGET)
+    return report
+
+
+def test_student_step_report_fields(student_report):
+    r = student_report
+    assert (r.target, r.devices, r.device_kind, r.chip.name) == (TARGET, 1, "TPU v5 lite", "v5e")
+    assert r.chip.hbm_bytes == 16 * 2**30 and r.chip.peak_flops == 197e12 and r.chip.hbm_bandwidth == 819e9
+    assert r.flops > 1e8 and r.bytes_accessed > 1e6 and r.compile_seconds > 0
+    # bfloat16 parameters are rounded from the float32 ones inside the program: the arguments hold
+    # the float32 tree, so they are at least its size.
+    assert r.argument_bytes > 1e6 and r.code_bytes > 0 and r.temp_bytes >= 0
+    assert r.memory_bytes == r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes + r.code_bytes
+    assert r.fits is True
+    assert r.roofline_seconds == pytest.approx(max(r.flops / 197e12, r.bytes_accessed / 819e9))
+    assert r.bound == ("compute" if r.flops / 197e12 >= r.bytes_accessed / 819e9 else "memory")
+    assert r.loop_cost == "no loops" and r.collectives == ()
+    # One chip runs the whole program: the model flops are XLA's own count, within a few percent.
+    assert r.model_flops == pytest.approx(r.flops, rel=0.1)
+    assert 0 < r.mfu <= 1
+    record = r.to_json()
+    assert record["memory"]["fits"] is True and record["memory"]["hbm"] == 16 * 2**30
+    assert record["bound"] == r.bound and record["flops"] == r.flops
+    assert "fits" in r.summary() and "roofline" in r.summary()
+
+
+def test_absurd_batch_does_not_fit():
+    step, args = _student_step(images=2048, latent=128)
+    with pytest.raises(aot.DoesNotFit, match=r"does not fit on tpu:v5e:2x2: .*HBM"):
+        report, _ = aot.compile_report(step, *args, name="absurd", target=TARGET)
+        report.check_fits()
+
+
+def test_collectives_parser_on_hlo_text():
+    hlo = """
+  %ars = (f32[4,8]{1,0}, bf16[2]{0}) all-reduce-start(f32[4,8]{1,0} %a, bf16[2]{0} %b), replica_groups={}
+  %ard = (f32[4,8]{1,0}, bf16[2]{0}) all-reduce-done((f32[4,8]{1,0}, bf16[2]{0}) %ars)
+  %ag = bf16[16,4]{1,0} all-gather(bf16[4,4]{1,0} %c), dimensions={0}
+  %ag.1 = s32[8]{0} all-gather(s32[2]{0} %d), dimensions={0}
+  %add = f32[4,8]{1,0} add(f32[4,8]{1,0} %a, f32[4,8]{1,0} %a)
+"""
+    assert aot.collectives(hlo) == (aot.Collective("all-gather", 2, 16 * 4 * 2 + 8 * 4),
+                                    aot.Collective("all-reduce", 1, 4 * 8 * 4 + 2 * 2))
+
+
+def test_collectives_of_a_sharded_matmul():
+    """A matmul whose contraction dimension is split over 4 abstract TPU chips needs one
+    all-reduce of the (replicated) float32 result."""
+    mesh = jax.make_mesh((4,), ("d",), (AxisType.Auto,), devices=aot.target_devices(TARGET))
+    x = jax.ShapeDtypeStruct((256, 512), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(None, "d")))
+    w = jax.ShapeDtypeStruct((512, 128), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("d", None)))
+    matmul = jax.jit(lambda x, w: x @ w, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    report, _ = aot.compile_report(matmul, x, w, name="matmul", target=TARGET)
+    assert report.devices == 4
+    assert report.collectives == (aot.Collective("all-reduce", 1, 256 * 128 * 4),)
+    # Each chip multiplies its quarter of the contraction; the whole program is 4 times that.
+    assert report.flops == pytest.approx(2 * 256 * 128 * 512 / 4, rel=0.05)
+    assert report.model_flops == pytest.approx(2 * 256 * 128 * 512, rel=0.05)
+
+
+def test_unknown_topology_is_a_user_error():
+    with pytest.raises(UserError, match="no TPU topology 'v9z:7x7'"):
+        aot.target_devices("tpu:v9z:7x7")
+
+
+TRAIN = ["--config", str(ROOT / "configs" / "train_demo.yaml"), "--compile-only", "--topology", "v5e:2x2",
+         "dtype=bfloat16", "optimizer.name=adamw"]
+
+
+@pytest.mark.slow  # minutes: the tiny train step is the largest program here
+def test_train_compile_only_fits(tmp_path, capsys):
+    assert train.main(["--workdir", str(tmp_path / "w"), *TRAIN]) == 0
+    out = capsys.readouterr().out
+    assert "train step (student only, global batch 4) on tpu:v5e:2x2 (4 v5e device(s)" in out
+    assert "— fits" in out and "GFLOP" in out and "MFU at most" in out
+    assert not (tmp_path / "w").exists()  # compile-only writes nothing
+
+
+def test_train_compile_only_refuses_an_absurd_batch(tmp_path, capsys):
+    """16384 images of 512² (image, masked image, mask) are 28 GiB per chip before any
+    activation: refused before compiling."""
+    assert train.main(["--workdir", str(tmp_path / "w"), *TRAIN, "data.batch_size=16384",
+                       "data.image_size=512"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: train step (student only, global batch 16384) does not fit on tpu:v5e:2x2: "
+                          "its arguments alone need 28.")
+    assert "GiB per chip, a v5e chip has 16.0 GiB HBM" in err and len(err.strip().splitlines()) == 1
+
+
+INFER = ["--compile-only", "--topology", "v5e:2x2", "--config", str(TINY), "--vae", str(fixture_path("vae_tiny")),
+         "--steps", "2", "--dtype", "bfloat16"]
+
+
+@pytest.mark.slow  # about two minutes on 2 loaded cores
+def test_infer_compile_only_fits(capsys):
+    assert infer.main([*INFER, "--resolution", "128", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "sampler (2 steps, 4 image(s) of 128², bfloat16) on tpu:v5e:2x2 (4 v5e device(s)" in out
+    assert "— fits" in out
+
+
+def test_infer_compile_only_refuses_an_absurd_batch(capsys):
+    assert infer.main([*INFER, "--resolution", "1024", "--batch-size", "4096"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: sampler (2 steps, 4096 image(s) of 1024², bfloat16) does not fit on tpu:v5e:2x2")
+    assert "GiB per chip" in err and "HBM" in err
+
+
+def test_bench_target_plan_lists_the_train_steps(capsys):
+    assert bench_cli.main(["--target", TARGET, "--quick", "--list"]) == []
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert keys == ["student_forward.b1", "student_forward.b8", "student_forward.b1_float32_params",
+                    "vae_encode.128", "vae_decode.128", "pipeline.b1", "train_step.student_b8",
+                    "train_step.distill_b8"]
+
+
+@pytest.mark.slow  # a minute: one tiny-student compile
+def test_bench_target_record_and_report(tmp_path):
+    out = tmp_path / "tpu.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        bench_cli.main(["--target", TARGET, "--quick", "--only", "student_forward.b1", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert schema_errors(results["header"], TARGET_HEADER_FIELDS) == []
+    (record,) = results["measurements"]
+    assert schema_errors(record, TARGET_FIELDS) == []
+    assert record["memory"]["fits"] is True and record["flops"] > 1e8 and record["bound"] == "memory"
+    table = render_target(results).splitlines()
+    assert table[0].startswith(results["header"]["date"][:10] + ", target tpu:v5e:2x2: 4 × TPU v5 lite")
+    assert table[-1].startswith("| student_forward.b1 | moebius_tiny | bfloat16 / bfloat16 | 2×16×16×9 | 1 |")
