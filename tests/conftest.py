@@ -9,6 +9,10 @@ import jax
 import numpy as np
 import pytest
 
+import moebius_jax
+from moebius_jax.pipeline.inpaint import InpaintPipeline
+from moebius_jax.vae_loading import load_vae
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -51,3 +55,38 @@ def assert_parity(ours, ref, rel: float = 1e-4, name: str = "") -> None:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
     return FIXTURES
+
+
+# -- shared compiled programs -----------------------------------------------------------------
+# Compiling is most of this suite's time. Tests that run a tiny fixture network take it, and
+# its jitted apply, from these session fixtures: one object per process, so each input shape
+# traces and compiles once however many tests and files use it.
+
+TINY_STUDENT_CONFIG = FIXTURES / "moebius_tiny" / "config.yaml"
+TINY_STUDENT_WEIGHTS = FIXTURES / "moebius_tiny" / "diffusion_pytorch_model.bin"
+TINY_VAE = FIXTURES / "vae_tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_student():
+    """(model, variables) of the tiny student with the fixture weights (float32)."""
+    return moebius_jax.load_model(TINY_STUDENT_CONFIG, TINY_STUDENT_WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_student_apply(tiny_student):
+    """The tiny student's eval-mode forward, jitted: (variables, x, t, ids) -> UNetOutput."""
+    return jax.jit(tiny_student[0].apply)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae():
+    """(vae, variables) of the tiny VAE with the fixture weights (float32)."""
+    return load_vae(TINY_VAE)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    """InpaintPipeline of the tiny student and VAE (float32, 128 px): its sampler compiles each
+    batch shape once per process, for every test that inpaints with it."""
+    return InpaintPipeline.from_pretrained(TINY_STUDENT_WEIGHTS, TINY_VAE, config=TINY_STUDENT_CONFIG)

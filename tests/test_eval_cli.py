@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import fixture_path
+from conftest import TINY_STUDENT_CONFIG, TINY_STUDENT_WEIGHTS, TINY_VAE
 from eval_weights import inception_state_dict, lpips_backbone_state_dict
 from PIL import Image, ImageDraw
 
@@ -25,8 +25,7 @@ from moebius_jax.eval import image_metrics, make_benchmark, run, score
 from moebius_jax.eval.benchmark import Manifest, crop_and_resize, read_manifest
 from moebius_jax.pipeline.inpaint import InpaintPipeline
 
-TINY = ["--weights", str(fixture_path("moebius_tiny", "diffusion_pytorch_model.bin")),
-        "--vae", str(fixture_path("vae_tiny")), "--config", str(fixture_path("moebius_tiny", "config.yaml")),
+TINY = ["--weights", str(TINY_STUDENT_WEIGHTS), "--vae", str(TINY_VAE), "--config", str(TINY_STUDENT_CONFIG),
         "--steps", "2", "--batch-size", "2"]  # strength 0.99 keeps 1 step: fast, same compiled loop
 RESOLUTION = 128
 # The key-seeded Inception has dead channels, so pytorch-fid's eps fallback runs (and warns).
@@ -79,17 +78,18 @@ def metric_weights(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def loaded_pipelines():
-    """eval.run loads the tiny pipeline once for the whole module: a fresh pipeline compiles
-    its sampler again (~15 s per batch shape on CPU). Loads are keyed by their arguments."""
-    real = InpaintPipeline.from_pretrained
+def loaded_pipelines(tiny_pipeline):
+    """eval.run gets the session's tiny pipeline: a fresh pipeline compiles its sampler again
+    (~15 s per batch shape on CPU). Loads are keyed by their arguments, which must be the
+    tiny pipeline's."""
     cache: dict[str, InpaintPipeline] = {}
 
-    def load(*args, **kwargs):
-        key = repr((args, sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = real(*args, **kwargs)
-        return cache[key]
+    def load(weights, vae, config=None, **options):
+        assert (pathlib.Path(weights), pathlib.Path(vae), pathlib.Path(config)) == (
+            TINY_STUDENT_WEIGHTS, TINY_VAE, TINY_STUDENT_CONFIG)
+        assert options.get("dtype", "float32") == "float32" and options.get("resolution") in (None, RESOLUTION)
+        cache.setdefault(repr((weights, vae, config, sorted(options.items()))), tiny_pipeline)
+        return tiny_pipeline
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(InpaintPipeline, "from_pretrained", staticmethod(load))

@@ -8,7 +8,6 @@ from conftest import fixture_path
 from PIL import Image, ImageDraw
 
 import infer
-from moebius_jax.pipeline.inpaint import InpaintPipeline
 
 WEIGHTS = fixture_path("moebius_tiny", "diffusion_pytorch_model.bin")
 VAE = fixture_path("vae_tiny")
@@ -17,8 +16,8 @@ FAST = dict(steps=2)  # strength 0.99 keeps 1 step: the scan body compiles the s
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return InpaintPipeline.from_pretrained(WEIGHTS, VAE, config=CONFIG)
+def pipe(tiny_pipeline):
+    return tiny_pipeline
 
 
 def _photo(w: int, h: int, seed: int) -> Image.Image:

@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_parity, fixture_path, load_npz, nchw_to_nhwc
+from conftest import assert_parity, load_npz, nchw_to_nhwc
 
-import moebius_jax
 from moebius_jax.convert.keymap import to_torch
 from moebius_jax.convert.maps import UNET_KEYMAP
 from moebius_jax.train.config import LossConfig
@@ -21,9 +20,8 @@ def step():
 
 
 @pytest.fixture(scope="module")
-def result(step):
-    model, variables = moebius_jax.load_model(fixture_path("moebius_tiny", "config.yaml"),
-                                              fixture_path("moebius_tiny", "diffusion_pytorch_model.bin"))
+def result(step, tiny_student):
+    model, variables = tiny_student
     x = nchw_to_nhwc(step["latent_model_input"])
 
     def forward(params):

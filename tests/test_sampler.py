@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 from conftest import fixture_path, load_npz, nchw_to_nhwc
 
-import moebius_jax
 from moebius_jax.pipeline.postprocess import paste, to_uint8
 from moebius_jax.pipeline.preprocess import prepare
 from moebius_jax.pipeline.sampler import Sampler, SamplerNoise, SamplerSettings
-from moebius_jax.vae_loading import load_vae
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +18,8 @@ def stages():
 
 
 @pytest.fixture(scope="module")
-def networks():
-    model, unet_vars = moebius_jax.load_model(fixture_path("moebius_tiny", "config.yaml"),
-                                              fixture_path("moebius_tiny", "diffusion_pytorch_model.bin"))
-    vae, vae_vars = load_vae(fixture_path("vae_tiny"))
+def networks(tiny_student, tiny_vae):
+    (model, unet_vars), (vae, vae_vars) = tiny_student, tiny_vae
     return Sampler(model, vae), unet_vars, vae_vars
 
 
