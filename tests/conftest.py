@@ -65,6 +65,14 @@ def fixtures_dir() -> pathlib.Path:
 TINY_STUDENT_CONFIG = FIXTURES / "moebius_tiny" / "config.yaml"
 TINY_STUDENT_WEIGHTS = FIXTURES / "moebius_tiny" / "diffusion_pytorch_model.bin"
 TINY_VAE = FIXTURES / "vae_tiny"
+MICRO_STUDENT_CONFIG = ROOT / "tests" / "configs" / "moebius_micro.yaml"
+
+# Trainer runs in tests: 64 px images (8x8 latents), float32, task loss only, AdamW (its step
+# compiles in half Muon's time). Tests of the trainer's plumbing (resume, export, the CLI,
+# sweeps) add MICRO_TRAIN, so they all compile, or find in the cache, one train-step program.
+FAST_TRAIN = ["data.image_size=64", "data.mask_config=random_medium_256", "data.batch_size=2", "data.num_workers=0",
+              "log_every=1", "sample_every=0", "dtype=float32", "optimizer.name=adamw"]
+MICRO_TRAIN = [*FAST_TRAIN, f"model={MICRO_STUDENT_CONFIG}"]
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,14 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import MICRO_TRAIN, ROOT
 
 from moebius_jax.inspect_model import count_parameters
 from moebius_jax.sweep import load_sweep, main, run_sweep, variant_configs
 
-# The tiny student at a 64^2 image, AdamW (its train step compiles fastest), one log per step.
-OVERRIDES = ["dtype=float32", "data.image_size=64", "data.batch_size=2", "data.num_workers=0",
-             "optimizer.name=adamw", "optimizer.warmup_steps=0", "log_every=1", "save_every=2", "sample_every=0"]
+# The micro student, quick settings (conftest.MICRO_TRAIN: the reference variant's train step is
+# test_train's), one log per step.
+OVERRIDES = [*MICRO_TRAIN, "save_every=2"]
 ATTENTION = {"levels": {0: {"self_mixer": "attention"}}}
 
 

@@ -4,31 +4,24 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import fixture_path
+from conftest import FAST_TRAIN, MICRO_TRAIN, ROOT, fixture_path
 
-import moebius_jax
+import train
 from moebius_jax.convert.state_dict import read_state_dict, read_ema_file
+from moebius_jax.train import export
 from moebius_jax.train.config import load_train_config
 from moebius_jax.train.export import export_state
 from moebius_jax.train.loop import Trainer
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Small and quick: the tiny student at 64 px (8x8 latents), float32, task loss only, AdamW
-# (its step compiles in half Muon's time; the overfitting test keeps the reference's Muon).
-FAST = [
-    "data.image_size=64", "data.mask_config=random_medium_256", "data.batch_size=2", "data.num_workers=0",
-    "log_every=1", "sample_every=0", "dtype=float32", "optimizer.name=adamw",
-]
-
 
 def _config(*overrides):
-    return load_train_config(ROOT / "configs" / "train_demo.yaml", [*FAST, *overrides])
+    """The micro student, quick settings (conftest.MICRO_TRAIN; the overfitting test keeps the
+    reference's Muon)."""
+    return load_train_config(ROOT / "configs" / "train_demo.yaml", [*MICRO_TRAIN, *overrides])
 
 
 def _losses(workdir: pathlib.Path) -> dict[int, float]:
@@ -73,8 +66,8 @@ def test_four_term_distillation_logs_every_weight(tmp_path):
     from elatentlpips_weights import full_width_entries, regenerate, write_tuned_file
 
     tuned = write_tuned_file(tmp_path / "sdxl_latest_vgg16_tuned.pth", regenerate(full_width_entries()))
-    config = load_train_config(ROOT / "configs" / "distill_demo.yaml",
-                               [*FAST, "loss.elatentlpips.weight=0.5", f"loss.elatentlpips.heads={tuned}"])
+    config = load_train_config(ROOT / "configs" / "distill_demo.yaml",  # the tiny student: its features fit the teacher's
+                               [*FAST_TRAIN, "loss.elatentlpips.weight=0.5", f"loss.elatentlpips.heads={tuned}"])
     Trainer.build(config, tmp_path / "run").run(max_steps=2)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for name in ("loss", "loss_task", "loss_outkd", "loss_featkd", "loss_extra", "weight_feat_task",
@@ -87,9 +80,9 @@ def test_four_term_distillation_logs_every_weight(tmp_path):
     np.testing.assert_allclose(r["loss"], expected, rtol=1e-5)
 
 
-def test_export_reproduces_the_reference_files(tmp_path):
+def test_export_reproduces_the_reference_files(tmp_path, tiny_student):
     weights = fixture_path("moebius_tiny", "diffusion_pytorch_model.bin")
-    _, variables = moebius_jax.load_model(fixture_path("moebius_tiny", "config.yaml"), weights)
+    _, variables = tiny_student
     ema = {"shadow": variables["params"], "decay": np.float32(0.9999), "num_updates": np.int32(0)}
     written = export_state({**jax.device_get(variables), "ema": jax.device_get(ema)}, tmp_path)
     exported, original = read_state_dict(written[0]), read_state_dict(weights)
@@ -103,7 +96,9 @@ def test_export_reproduces_the_reference_files(tmp_path):
         np.testing.assert_array_equal(value, original[key])
 
 
-def test_train_py_cli_with_a_jsonl_dataset(tmp_path):
+def test_train_py_cli_with_a_jsonl_dataset(tmp_path, monkeypatch):
+    """train.py and the export command, called in-process (a subprocess would import JAX and
+    compile the step again)."""
     data = tmp_path / "data"
     data.mkdir()
     demo = ROOT / "data" / "demo"
@@ -111,17 +106,14 @@ def test_train_py_cli_with_a_jsonl_dataset(tmp_path):
     lines = [json.dumps({"image": str(p), "prompt": "background"}) for p in photos]
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--config", "configs/train_demo.yaml", "--workdir", str(workdir),
-           "--max-steps", "2", "--data-jsonl", str(data / "train.jsonl"), *FAST, "save_every=2"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    monkeypatch.chdir(ROOT)  # the demo config's paths are relative to the repository, as train.py expects
+    assert train.main(["--config", "configs/train_demo.yaml", "--workdir", str(workdir), "--max-steps", "2",
+                       "--data-jsonl", str(data / "train.jsonl"), *MICRO_TRAIN, "save_every=2"]) == 0
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
     assert (workdir / "checkpoints" / "2").is_dir() and (workdir / "config.yaml").exists()
     assert any((workdir / "tensorboard").iterdir())
-    export = subprocess.run([sys.executable, "-m", "moebius_jax.train.export", "--workdir", str(workdir),
-                             "--out", str(tmp_path / "exported")], cwd=ROOT, capture_output=True, text=True)
-    assert export.returncode == 0, export.stderr[-2000:]
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "exported")]) == 0
     assert (tmp_path / "exported" / "diffusion_pytorch_model.safetensors").exists()
 
 
