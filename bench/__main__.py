@@ -15,11 +15,14 @@ bench.report` renders a results file as the README's markdown table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 from typing import Any
+
+from moebius_jax import cli
+from moebius_jax.errors import UserError
+from moebius_jax.io_safety import atomic_output, check_output_file
 
 from bench.harness import REPO, Case, Repeats, device, device_slug, header, measure, progress
 from bench.inference import FULL, FULL_CPU, FULL_CPU_ALL, QUICK, inference_cases
@@ -27,24 +30,26 @@ from bench.training import FULL as TRAIN_FULL
 from bench.training import FULL_CPU as TRAIN_FULL_CPU
 from bench.training import FULL_CPU_ALL as TRAIN_FULL_CPU_ALL
 from bench.training import TINY, training_cases
+from bench.versus_torch import torch_cases
 
 RESULTS = REPO / "bench" / "results"
 
 
 def plan(quick: bool, everything: bool) -> tuple[str, list[Case], Repeats]:
     """(mode, cases, repeats) for this machine: accelerators get the issue's sizes, bfloat16
-    training and more repeats; a CPU gets float32 training (bfloat16 is emulated there) and
-    the sizes that finish in reasonable time unless `everything`."""
+    training and more repeats; a CPU gets float32 training (bfloat16 is emulated there), the
+    sizes that finish in reasonable time unless `everything`, and the PyTorch versions of the
+    student step and the decode when torch is installed."""
     if quick:
         # The distillation step is left to the full set: each tiny train step compiles for
         # minutes on 2 CPU cores (mostly Muon's per-parameter Newton-Schulz chains).
         train = [c for c in training_cases((TINY,), "float32", 20.0) if c.variant == "tiny_student"]
-        return "quick", inference_cases(QUICK) + train, Repeats(warmup=1, repeats=3)
+        return "quick", inference_cases(QUICK) + torch_cases(QUICK) + train, Repeats(warmup=1, repeats=3)
     if device().platform != "cpu":
         cases = inference_cases(FULL) + training_cases((TINY, TRAIN_FULL), "bfloat16", 60.0)
         return "full", cases, Repeats(warmup=3, repeats=20)
     sizes, train = (FULL_CPU_ALL, TRAIN_FULL_CPU_ALL) if everything else (FULL_CPU, TRAIN_FULL_CPU)
-    cases = inference_cases(sizes) + training_cases((TINY, train), "float32", 600.0)
+    cases = inference_cases(sizes) + torch_cases(sizes) + training_cases((TINY, train), "float32", 600.0)
     return ("all" if everything else "full"), cases, Repeats(warmup=1, repeats=5)
 
 
@@ -69,12 +74,21 @@ def write(path: pathlib.Path, run_header: dict[str, Any], records: list[dict[str
     path.parent.mkdir(parents=True, exist_ok=True)
     fresh = {_key(r) for r in records}
     measurements = [r for r in kept if _key(r) not in fresh] + records
-    path.write_text(json.dumps({"header": run_header, "measurements": measurements}, indent=1) + "\n")
+    with atomic_output(path) as tmp:  # an interrupted run keeps the previous complete file
+        tmp.write_text(json.dumps({"header": run_header, "measurements": measurements}, indent=1) + "\n")
 
 
+def read_kept(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The measurements of an existing results file (refused, naming it, if it is not one)."""
+    try:
+        return list(json.loads(path.read_text())["measurements"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: not a bench results file ({err}); move it or pass --out") from None
+
+
+@cli.entry_point
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny configs and few repeats (CI)")
     parser.add_argument("--all", action="store_true", help="on a CPU, also the cases that take tens of minutes")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="families or name.variant keys to run")
@@ -92,9 +106,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return []
 
     slug = device_slug(device().device_kind) + ("-quick" if args.quick else "")
-    out = args.out or RESULTS / f"{slug}.json"
+    out = check_output_file(args.out or RESULTS / f"{slug}.json", "--out")
     # A partial run (--only) into the default file updates it instead of replacing it.
-    kept = json.loads(out.read_text())["measurements"] if args.only and not args.out and out.exists() else []
+    kept = read_kept(out) if args.only and not args.out and out.exists() else []
     run_header = header(mode)
     progress(f"bench: {mode} mode on {run_header['device_kind']} ({run_header['cpu_count']} CPU cores), "
              f"{len(cases)} case(s) -> {out}")
@@ -109,4 +123,5 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    outcome = main(sys.argv[1:])
+    sys.exit(outcome if isinstance(outcome, int) else 0)  # the records on success, a status on error

@@ -20,9 +20,10 @@ import numpy as np
 
 from bench.harness import REPO, Case, Program
 from moebius_jax.config import ModelConfig
+from moebius_jax.latents import guidance_task_ids, latent_mask
 from moebius_jax.loading import abstract_variables, build_model
 from moebius_jax.models.vae import SD_VAE_CONFIG, AutoencoderKL, VaeConfig, tile_starts
-from moebius_jax.pipeline.sampler import Sampler, SamplerNoise, SamplerSettings
+from moebius_jax.pipeline.sampler import ALWAYS_GUIDE, Sampler, SamplerNoise, SamplerSettings
 from moebius_jax.schedulers import ddim_timesteps
 from moebius_jax.vae_loading import abstract_vae_variables
 
@@ -123,13 +124,6 @@ def compute_dtype(dtype: str) -> Any:
     return None if dtype == "float32" else jnp.dtype(dtype)
 
 
-def cfg_ids(config: ModelConfig, batch: int) -> np.ndarray:
-    """Task ids of a CFG batch as the sampler builds it: first half unconditional, second conditional."""
-    half = config.unet.context_length
-    uncond, cond = np.arange(half, 2 * half), np.arange(half)
-    return np.stack([uncond] * (batch - batch // 2) + [cond] * (batch // 2)).astype(np.int32)
-
-
 def lowered_flops(fn: Callable[..., Any], *abstract_args: Any) -> float:
     """XLA's FLOP count of `fn`, from the lowered (not compiled) program."""
     return float(jax.jit(fn).lower(*abstract_args).cost_analysis()["flops"])
@@ -141,10 +135,10 @@ def _student_forward_fn(config: str, dtype: str) -> Callable[..., jnp.ndarray]:
 
 
 def _student_inputs(config: str, latent: int, batch: int) -> tuple[np.ndarray, ...]:
-    """(sample, timesteps, input_ids) of one sampler step: one timestep for the whole batch."""
+    """(sample, timesteps, input_ids) of one sampler step on a guidance batch of `batch` (even) rows."""
     cfg = model_abstract(config)[0]
     sample = np.random.default_rng(1).standard_normal((batch, latent, latent, cfg.unet.in_channels), np.float32)
-    return sample, np.array([CFG_TIMESTEP], np.int32), cfg_ids(cfg, batch)
+    return sample, np.array([CFG_TIMESTEP], np.int32), guidance_task_ids(batch // 2, cfg.unet.context_length)
 
 
 def student_forward(config: str, latent: int, batch: int, dtype: str) -> Program:
@@ -188,7 +182,7 @@ def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = 
     """The whole sampler program (encode x2, DDIM + CFG loop, decode) in float32, as `Sampler` compiles it."""
     cfg, unet_abstract = model_abstract(student)
     vae_cfg = VAE_CONFIGS[vae_config]
-    sampler = Sampler(build_model(cfg)[0], AutoencoderKL(vae_cfg), cfg.unet.num_embeddings)
+    sampler = Sampler(build_model(cfg)[0], AutoencoderKL(vae_cfg))
     settings = SamplerSettings(num_steps=steps)
     factor = vae_cfg.downsample_factor
     latent = side // factor
@@ -198,8 +192,8 @@ def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = 
     noise = jax.tree.map(np.asarray, SamplerNoise.draw(jax.random.key(5), batch, (latent, latent),
                                                        vae_cfg.latent_channels))
     inputs = (image, np.where(pixel_mask, 0.0, image).astype(np.float32),
-              pixel_mask[:, ::factor, ::factor].astype(np.float32), noise,
-              np.float32(GUIDANCE_SCALE), np.float32(NOISE_OFFSET))
+              latent_mask(pixel_mask, factor).astype(np.float32), noise,
+              np.float32(GUIDANCE_SCALE), np.float32(NOISE_OFFSET), np.int32(ALWAYS_GUIDE))
 
     # The denoising loop is a scan: sum its parts' counts (two encodes, the steps, one decode).
     num_steps = len(ddim_timesteps(steps, settings.strength))
@@ -210,11 +204,8 @@ def pipeline(student: str, vae_config: str, side: int, batch: int, steps: int = 
              + lowered_flops(_vae_fn(vae_config, "decode", "float32"), vae_abstract(vae_config),
                              shapes(_vae_input(vae_config, "decode", side, batch))))
 
-    def lower(*abstract_args: Any) -> jax.stages.Lowered:
-        # Sampler has no public lowering hook; its jitted program is what __call__ compiles.
-        return sampler._jitted.lower(*abstract_args, settings=settings)
-
-    return Program(lower, (unet_abstract, vae_abstract(vae_config), *shapes(inputs)),
+    return Program(functools.partial(sampler.lower, settings=settings),
+                   (unet_abstract, vae_abstract(vae_config), *shapes(inputs)),
                    lambda: (model_variables(student), vae_variables(vae_config), *inputs), flops)
 
 

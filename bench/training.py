@@ -20,6 +20,7 @@ import numpy as np
 from bench.harness import Case, Program
 from bench.inference import (MODEL_CONFIGS, VAE_CONFIGS, compute_dtype, model_abstract, model_variables, shapes,
                              vae_abstract, vae_variables)
+from moebius_jax.latents import task_ids
 from moebius_jax.loading import build_model
 from moebius_jax.models.vae import AutoencoderKL
 from moebius_jax.train.config import DataConfig, TrainConfig
@@ -57,7 +58,7 @@ def _batch(setup: TrainSetup) -> dict[str, np.ndarray]:
     mask = (rng.uniform(size=(b, s, s, 1)) < 0.3).astype(np.float32)
     context = model_abstract(setup.student)[0].unet.context_length
     return {"image": image, "masked_image": image * (1 - mask), "mask": mask,
-            "input_ids": np.tile(np.arange(context, dtype=np.int32), (b, 1))}
+            "input_ids": np.tile(task_ids("background", context), (b, 1))}
 
 
 def train_step(setup: TrainSetup, distill: bool, dtype: str) -> Program:

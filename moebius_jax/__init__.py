@@ -5,7 +5,7 @@ Public API (imported lazily, so `import moebius_jax` stays cheap, e.g. in data w
     load_teacher(config, weights=None) -> (model, variables)
     load_vae(path) -> (vae, variables)
     load_elatentlpips(trunk_or_dir, heads=None) -> ELatentLPIPS
-    InpaintPipeline.from_pretrained(weights, vae, config=None, dtype="float32")
+    InpaintPipeline.from_pretrained(weights=None, vae=None, config=None, dtype="float32")  (None: from the Hub)
 """
 
 import importlib

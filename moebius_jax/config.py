@@ -15,7 +15,9 @@ Variants are data: besides the reference's keys, the `model:` section may hold
     mid_level: {self_mixer: linear_attention}   # teacher only (it has a mid block)
 
 Override fields are LevelConfig's: channels, attention, self_mixer, cross_mixer,
-feed_forward, ff_mult, transformer_depth. A file without them reads exactly as before.
+feed_forward, ff_mult, transformer_depth and mixer_options ({mixer name: {option: value}}).
+The mixer names and their options are those of the registry in `moebius_jax.layers.mixers`.
+A file without these keys reads exactly as before.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import yaml
+from flax.core import FrozenDict
+
+from moebius_jax.errors import ConfigError, read_yaml
+from moebius_jax.layers import mixers
 
 # The shipped model configs (reference schema) live at the top of the source tree.
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -34,9 +39,6 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 STUDENT_MODEL_TYPE = "UNet2DLambdaDWConvMixFFNConditionModel_prune_down_mid_up_block_8x8"
 TEACHER_MODEL_TYPE = "UNet2DGLAConditionModel"
 
-SELF_MIXERS = ("local_lambda", "global_lambda", "attention", "linear_attention", "gla", "none")
-CROSS_MIXERS = ("cross_lambda", "attention", "none")
-FEED_FORWARDS = ("mix_ffn", "geglu")
 CONV_KINDS = ("dwsep", "dense")
 
 
@@ -51,6 +53,12 @@ class LevelConfig:
     feed_forward: str = "mix_ffn"
     transformer_depth: int = 1
     ff_mult: float | None = None  # FFN hidden = int(ff_mult * channels); None: 2.5 (Mix-FFN) / 4 (GEGLU)
+    # {mixer name: {option: value}} for the mixers this level uses; unset options keep the
+    # mixer's defaults. Frozen, so that configs (and the modules holding them) stay hashable.
+    mixer_options: Mapping[str, Mapping[str, Any]] = FrozenDict()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mixer_options", FrozenDict(self.mixer_options))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +84,6 @@ class UNetConfig:
     norm_eps: float = 1e-5
     transformer_norm_eps: float = 1e-6
     mix_mlp_ratio: float = 2.5
-    lambda_kernel_size: int = 15
 
     @property
     def block_out_channels(self) -> tuple[int, ...]:
@@ -125,22 +132,27 @@ def _validate_level(unet: UNetConfig, level: LevelConfig, where: str) -> None:
         raise ValueError(f"{where} channels={c}: must be positive")
     if c % unet.norm_num_groups:
         raise ValueError(f"{where} channels={c}: not divisible by norm_num_groups {unet.norm_num_groups}")
-    for field, value, allowed in (
-        ("self_mixer", level.self_mixer, SELF_MIXERS),
-        ("cross_mixer", level.cross_mixer, CROSS_MIXERS),
-        ("feed_forward", level.feed_forward, FEED_FORWARDS),
-    ):
-        if value not in allowed:
-            raise ValueError(f"{where} {field}={value!r}: not one of {allowed}")
+    used = []
+    for slot in mixers.SLOTS:
+        try:
+            mixer = mixers.lookup(slot, getattr(level, slot))
+        except ValueError as e:
+            raise ValueError(f"{where} {e}") from None
+        used += [] if mixer is None else [mixer]
     if not level.attention:
         return  # a resnet-only level: its mixer fields are never used
-    if c % unet.num_heads:
-        raise ValueError(f"{where} channels={c}: not divisible by num_heads {unet.num_heads}")
-    if level.self_mixer == "gla" and (c // 2) % unet.num_heads:
-        # GLA's keys are half as wide as the tokens (expand_k 0.5) and split into the same heads.
-        raise ValueError(
-            f"{where} self_mixer='gla': key width channels/2={c // 2} not divisible by num_heads {unet.num_heads}"
-        )
+    names = [mixer.name for mixer in used]
+    for name in level.mixer_options:
+        if name not in names:
+            raise ValueError(f"{where} mixer_options.{name}: this level uses no {name!r} (it uses {', '.join(names)})")
+    for mixer in used:
+        try:
+            options = mixer.options(level)
+        except ValueError as e:
+            raise ValueError(f"{where} {e}") from None
+        problem = mixer.check(unet, level, options) if mixer.check else None
+        if problem:
+            raise ValueError(f"{where} {mixer.slot}={mixer.name!r}: {problem}")
     if level.transformer_depth < 1:
         raise ValueError(f"{where} transformer_depth={level.transformer_depth}: need at least one block")
     if level.ff_mult is not None and int(level.ff_mult * c) < 1:
@@ -171,13 +183,13 @@ class ModelConfig:
         return self.model_type == TEACHER_MODEL_TYPE
 
 
-# Keys of the reference's `model:` section that carry no information for the network
-# (they configure paths the reference never takes); accepted and ignored.
-_IGNORED_MODEL_KEYS = {
+# Keys of the reference's `model:` section that the readers below interpret besides the
+# network-wide fields of `_common_unet_fields` (block types and the reference's switches
+# choose the levels' mixers; attention_head_dim is the head count).
+_READ_MODEL_KEYS = {
     "model_type",
-    "encoder_hid_dim_type",  # always text_proj here: a Linear encoder_hid_dim -> cross_attention_dim
-    "projection_class_embeddings_input_dim",  # unused by the reference (no class embedding)
-    "conv_in_kernel",
+    "encoder_hid_dim_type",  # must be text_proj: a Linear encoder_hid_dim -> cross_attention_dim
+    "conv_in_kernel",  # must be 3, as in every released config
     "conv_out_kernel",
     "down_block_types",
     "up_block_types",
@@ -186,7 +198,11 @@ _IGNORED_MODEL_KEYS = {
     "use_local_self_attn",
     "attention_head_dim",
     "block_out_channels",
-    "mix_mlp_ratio",
+    "mix_mlp_ratio",  # the student's Mix-FFN width ratio
+}
+# Keys the reference's files carry that fix nothing in the network: accepted and ignored.
+_IGNORED_MODEL_KEYS = {
+    "projection_class_embeddings_input_dim",  # the reference has no class embedding to project
 }
 # Our extension of the schema (variants): read by `override_levels`, absent from reference files.
 _VARIANT_KEYS = {"levels", "mid_level"}
@@ -260,11 +276,14 @@ def _common_unet_fields(model: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("layers_per_block", "norm_num_groups", "norm_eps"):
         if key in model:
             fields[key] = model[key]
-    unknown = set(model) - _IGNORED_MODEL_KEYS - _VARIANT_KEYS - set(fields)
+    unknown = set(model) - _READ_MODEL_KEYS - _IGNORED_MODEL_KEYS - _VARIANT_KEYS - set(fields)
     if unknown:
         raise ValueError(f"unknown model config key(s): {sorted(unknown)}")
     if model.get("encoder_hid_dim_type", "text_proj") != "text_proj":
         raise ValueError("only encoder_hid_dim_type: text_proj is supported")
+    for key in ("conv_in_kernel", "conv_out_kernel"):
+        if model.get(key, 3) != 3:
+            raise ValueError(f"{key} {model[key]}: only 3 is supported")
     return fields
 
 
@@ -277,9 +296,10 @@ _OVERRIDE_TYPES: dict[str, tuple[type, ...]] = {
     "feed_forward": (str,),
     "ff_mult": (int, float),
     "transformer_depth": (int,),
+    "mixer_options": (Mapping,),
 }
 # The fields that only mean something inside a transformer (a level with attention: true).
-_TRANSFORMER_FIELDS = {"self_mixer", "cross_mixer", "feed_forward", "ff_mult", "transformer_depth"}
+_TRANSFORMER_FIELDS = {"self_mixer", "cross_mixer", "feed_forward", "ff_mult", "transformer_depth", "mixer_options"}
 
 
 def _override_level(
@@ -342,11 +362,45 @@ def override_levels(
     return variant
 
 
-def config_from_dict(raw: Mapping[str, Any], num_embeddings: int = 20) -> ModelConfig:
-    """Build a ModelConfig from the reference's YAML schema (a parsed dict)."""
+# Numeric fields of the reference schema, checked before use so that a wrong type is reported
+# with its field and value (not as a failed comparison deep inside the build).
+_INT_FIELDS = (("data", "image_size"), ("vae", "downsample_ratio"), ("vae", "embed_dim"),
+               ("model", "in_channels"), ("model", "out_channels"), ("model", "attention_head_dim"),
+               ("model", "cross_attention_dim"), ("model", "encoder_hid_dim"), ("model", "layers_per_block"),
+               ("model", "norm_num_groups"))
+_NUMBER_FIELDS = (("model", "norm_eps"), ("model", "mix_mlp_ratio"))
+_INT_LIST_FIELDS = (("model", "block_out_channels"),)
+
+
+def _check_field_types(raw: Mapping[str, Any]) -> None:
+    """Raise ConfigError naming the field and value of the first section or number of the wrong type."""
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)  # YAML `true` is no count
+
     for section in ("data", "vae", "model"):
         if section not in raw:
-            raise ValueError(f"model config lacks the `{section}:` section")
+            raise ConfigError(f"model config lacks the `{section}:` section")
+        if not isinstance(raw[section], Mapping):
+            raise ConfigError(f"expected a mapping, got {raw[section]!r}", field=(section,))
+    for fields, ok, expected in ((_INT_FIELDS, is_int, "an integer"),
+                                 (_NUMBER_FIELDS, lambda v: is_int(v) or isinstance(v, float), "a number")):
+        for section, key in fields:
+            value = raw[section].get(key, 0)
+            if not ok(value):
+                hint = " (YAML reads 1e-5 without a dot as text: write 1.0e-5)" if isinstance(value, str) else ""
+                raise ConfigError(f"expected {expected}, got {value!r}{hint}", field=(section, key))
+    for section, key in _INT_LIST_FIELDS:
+        values = raw[section].get(key, [])
+        if not isinstance(values, Sequence) or isinstance(values, str):
+            raise ConfigError(f"expected a list of integers, got {values!r}", field=(section, key))
+        for i, value in enumerate(values):
+            if not is_int(value):
+                raise ConfigError(f"expected an integer, got {value!r}", field=(section, key, i))
+
+
+def config_from_dict(raw: Mapping[str, Any], num_embeddings: int = 20) -> ModelConfig:
+    """Build a ModelConfig from the reference's YAML schema (a parsed dict)."""
+    _check_field_types(raw)
     image_size = int(raw["data"]["image_size"])
     vae = VaeRef(**{k: v for k, v in raw["vae"].items() if k in VaeRef.__dataclass_fields__})
     if image_size % vae.downsample_ratio:
@@ -372,18 +426,25 @@ def load_config(config: str | os.PathLike | Mapping[str, Any] | ModelConfig) -> 
         return config
     if isinstance(config, Mapping):
         return config_from_dict(config)
-    path = os.fspath(config)
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model config not found: {path}") from None
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{path}: expected a YAML mapping with data/vae/model sections")
+    raw = read_config_file(config)
     try:
         return config_from_dict(raw)
+    except ConfigError as e:
+        raise e.in_file(config) from None
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise ConfigError(f"{os.fspath(config)}: {e}") from e
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A model YAML's content, unvalidated but checked to be a mapping."""
+    path = os.fspath(path)
+    try:
+        raw = read_yaml(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model config not found: {path}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping with data/vae/model sections")
+    return raw
 
 
 def default_model_config() -> pathlib.Path:

@@ -28,7 +28,9 @@ import jax.extend as jex
 import jax.numpy as jnp
 from flax import traverse_util
 
+from moebius_jax import cli
 from moebius_jax.config import ModelConfig, load_config
+from moebius_jax.errors import UserError
 from moebius_jax.models.removal_model import RemovalModel
 
 # Blocks whose children are reported one kind at a time (attentions / resnets / samplers),
@@ -249,11 +251,11 @@ def inspect_model(
     """
     cfg = load_config(config)
     if images < 1:
-        raise ValueError(f"batch {images}: need at least one image per step")
+        raise UserError(f"batch {images}: need at least one image per step")
     hw = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     ratio, depth = cfg.vae.downsample_ratio, 2 ** (len(cfg.unet.levels) - 1)
     if any(side % (ratio * depth) for side in hw):
-        raise ValueError(
+        raise UserError(
             f"resolution {hw[0]}x{hw[1]}: each side must be a multiple of {ratio * depth} "
             f"(VAE factor {ratio} x {depth} for {len(cfg.unet.levels)} levels)"
         )
@@ -349,19 +351,21 @@ def format_report(ins: Inspection) -> str:
     return "\n".join(lines)
 
 
-def _resolution(text: str) -> int | tuple[int, int]:
-    if "x" in text:
-        h, w = text.lower().split("x")
-        return int(h), int(w)
-    return int(text)
+def parse_resolution(text: str) -> int | tuple[int, int]:
+    """argparse type of --resolution: a side, or HxW, each a positive integer."""
+    sides = [cli.positive_int(part) for part in text.lower().split("x")]
+    if len(sides) > 2:
+        raise argparse.ArgumentTypeError(f"expected a side or HxW, got {text!r}")
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moebius_jax.inspect_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m moebius_jax.inspect_model", description=__doc__)
     parser.add_argument("config", help="model YAML (reference schema, optionally with levels: overrides)")
-    parser.add_argument("--resolution", type=_resolution, default=512, help="image side, or HxW (default 512)")
-    parser.add_argument("--batch", type=int, default=1, help="images per CFG step; the forward runs 2x this")
+    parser.add_argument("--resolution", type=parse_resolution, default=512, help="image side, or HxW (default 512)")
+    parser.add_argument("--batch", type=cli.positive_int, default=1,
+                        help="images per CFG step; the forward runs 2x this")
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="parameters only (seconds)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip compiling the step: FLOPs only, no memory figures (faster)")
@@ -369,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         ins = inspect_model(args.config, args.resolution, args.batch, args.flops, args.compile, args.train)
-    except (ValueError, FileNotFoundError) as e:
+    except UserError as e:  # the config or resolution fails the check: the verdict, not a failure
         print(f"invalid: {e}", file=sys.stderr)
         return 2
     print(format_report(ins))

@@ -2,8 +2,9 @@
 
 Weights may be the reference's `.bin` (torch zip pickle, read without torch), a
 `.safetensors` with the same names, an EMA `.bin` (parameters from the EMA shadows,
-BatchNorm statistics from the plain checkpoint beside it), or a directory written by
-`moebius_jax.convert`.
+BatchNorm statistics from the plain checkpoint beside it), a directory written by
+`moebius_jax.convert`, or a Hugging Face id of any of these (`moebius_jax.hub`; fetched once
+and converted once into the local cache).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moebius_jax import hub
 from moebius_jax.config import TEACHER_MODEL_TYPE, ModelConfig, UNetConfig, load_config
 from moebius_jax.convert import keymap as km
 from moebius_jax.convert.errors import CheckpointError
@@ -101,7 +103,15 @@ def load_torch_variables(
 def load_weights(
     weights: PathLike, abstract: Mapping[str, Any], keymap: km.KeyMap, batch_stats_from: PathLike | None = None
 ) -> dict[str, Any]:
-    """Any supported weight source -> host numpy variables matching `abstract`."""
+    """Any supported weight source (a Hub id included) -> host numpy variables matching `abstract`."""
+    if hub.is_hub_id(weights):
+        source = hub.fetch(os.fspath(weights), hub.WEIGHT_FILES)
+        sources = [source]
+        if batch_stats_from is None and is_ema_file(source):  # its statistics live in the plain file
+            batch_stats_from = hub.fetch(str(ema_sibling(pathlib.Path(weights))))
+            sources.append(batch_stats_from)
+        return hub.converted_variables(
+            sources, "unet", lambda: load_torch_variables(source, abstract, keymap, batch_stats_from), abstract)
     path = pathlib.Path(weights)
     if path.is_dir():
         if not is_orbax_dir(path):
@@ -124,8 +134,9 @@ def load_model(
     """Build a Moebius (or any RemovalModel-config) network and its variables.
 
     `config`: a reference-style YAML path, its parsed dict, or a ModelConfig. `weights`:
-    `.bin` / `.safetensors` / EMA `.bin` / a moebius_jax.convert directory, or None for a
-    random initialisation from `seed`. `dtype` is the compute dtype (parameters stay float32);
+    `.bin` / `.safetensors` / EMA `.bin` / a moebius_jax.convert directory / a Hugging Face id
+    of one (`org/repo/path`, e.g. `hub.student_weights()`), or None for a random
+    initialisation from `seed`. `dtype` is the compute dtype (parameters stay float32);
     `remat` turns on gradient checkpointing for training.
     """
     model, cfg = build_model(config, dtype, remat)

@@ -2,27 +2,28 @@
 
     python -m moebius_jax.sweep configs/sweeps/mixers_tiny.yaml [--out DIR] [--steps N]
 
-A sweep file names a base training config and, per variant, changes to the base model's
-`model:` section (the variant keys of `moebius_jax.config`: `levels`, `mid_level`,
-`layers_per_block`, ...):
+A sweep file names a base training config and, per variant, `key=value` overrides of it,
+exactly as `train.py` takes them; `model.*` keys change the model (see
+`moebius_jax.train.config`), integer components index lists:
 
     train: configs/train_demo.yaml      # base training config (paths relative to the working dir)
-    overrides: [data.image_size=64]     # train-config overrides shared by every variant
+    overrides: [data.image_size=64]     # overrides shared by every variant
     steps: 40
     out: runs/sweeps/mixers_tiny
     variants:
       reference: {}                     # the base model, unchanged
       attention:
-        model: {levels: {0: {self_mixer: attention}}}
+        overrides: [model.levels.0.self_mixer=attention]
       lower_lr:
         overrides: [optimizer.learning_rate=3e-4]
 
 Every variant trains with the same seed, so the same data order, masks, timesteps and noise
 (the data pipeline and the step's random stream depend on the seed and the step only); a
-variant may change the optimiser, never the data or the seed. Each variant is an ordinary
-`train.py` run in OUT/<name>/ (checkpoints, metrics.jsonl, TensorBoard). OUT/sweep.jsonl holds
-every logged step of every variant followed by one summary record per variant (parameters,
-compile seconds, median step milliseconds, final loss), and OUT/sweep.png plots the loss
+variant may change the model and the optimiser, never the data or the seed. Each variant is
+an ordinary `train.py` run in OUT/<name>/ (checkpoints, metrics.jsonl, TensorBoard, and the
+config.yaml, model included, that reproduces it). OUT/sweep.jsonl holds every logged step of
+every variant followed by one summary record per variant (parameters, compile seconds,
+median step milliseconds, final loss), and OUT/sweep.png plots the loss
 curves, final loss against parameters and final loss against step latency (needs matplotlib,
 the `plot` extra). Re-running the same command resumes: finished variants are skipped and an
 interrupted one continues from its last checkpoint.
@@ -30,8 +31,6 @@ interrupted one continues from its last checkpoint.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import json
 import logging
@@ -41,15 +40,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import yaml
 
-from moebius_jax.config import load_config
+from moebius_jax import cli
+from moebius_jax.errors import ConfigError, read_yaml
 from moebius_jax.train.config import TrainConfig, load_train_config
 
 log = logging.getLogger("moebius_jax.sweep")
 
 # Train-config keys a variant may not override: they would break "identical batches".
-_SHARED_KEYS = ("data.", "seed", "timestep_sampling", "noise_offset", "max_steps", "model", "mesh.")
+_SHARED_KEYS = ("data.", "seed", "timestep_sampling", "noise_offset", "max_steps", "mesh.")
 # The final loss of a variant: the mean over this many last logged steps (one step is noisy).
 _FINAL_WINDOW = 5
 
@@ -57,8 +56,7 @@ _FINAL_WINDOW = 5
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    model: Mapping[str, Any]  # deep-merged into the base model YAML's `model:` section
-    overrides: tuple[str, ...]  # train-config overrides of this variant only
+    overrides: tuple[str, ...]  # train-config overrides of this variant only (after the shared ones)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,17 +66,6 @@ class Sweep:
     steps: int
     out: pathlib.Path
     variants: tuple[Variant, ...]
-
-
-def _merge(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    """`base` with `changes` merged in, recursively for mappings (except `levels`, replaced whole)."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in changes.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and key != "levels":
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def _str_list(value: Any, where: str) -> tuple[str, ...]:
@@ -92,7 +79,7 @@ def _str_list(value: Any, where: str) -> tuple[str, ...]:
 def load_sweep(path: str | pathlib.Path, out: str | pathlib.Path | None = None, steps: int | None = None) -> Sweep:
     """Read and validate a sweep file; errors name the file and the offending key."""
     path = pathlib.Path(path)
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path)
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}: expected a YAML mapping")
     unknown = set(raw) - {"train", "overrides", "steps", "out", "variants"}
@@ -110,17 +97,15 @@ def load_sweep(path: str | pathlib.Path, out: str | pathlib.Path | None = None, 
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"{where}: a variant name must be letters, digits, '_' or '-' (it names a folder)")
         spec = spec or {}
-        if not isinstance(spec, Mapping) or set(spec) - {"model", "overrides"}:
-            raise ValueError(f"{where}: expected a mapping with `model` and/or `overrides`, got {spec!r}")
-        model = spec.get("model") or {}
-        if not isinstance(model, Mapping):
-            raise ValueError(f"{where}.model: expected a mapping of model-section changes, got {model!r}")
+        if not isinstance(spec, Mapping) or set(spec) - {"overrides"}:
+            raise ValueError(f"{where}: expected a mapping with `overrides` (a list of key=value, "
+                             f"e.g. model.levels.0.self_mixer=attention), got {spec!r}")
         overrides = _str_list(spec.get("overrides"), f"{where}.overrides")
         for item in overrides:
             if item.split("=", 1)[0].startswith(_SHARED_KEYS):
                 raise ValueError(f"{where}.overrides: {item!r} would change what every variant shares "
-                                 f"(data, seed, steps, model file, mesh); set it for the whole sweep")
-        variants.append(Variant(name, model, overrides))
+                                 f"(data, seed, steps, mesh); set it for the whole sweep")
+        variants.append(Variant(name, overrides))
     steps = raw.get("steps") if steps is None else steps
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"{path}: `steps` must be a positive integer, got {steps!r}")
@@ -129,21 +114,15 @@ def load_sweep(path: str | pathlib.Path, out: str | pathlib.Path | None = None, 
                  pathlib.Path(out), tuple(variants))
 
 
-def variant_configs(sweep: Sweep) -> dict[str, tuple[dict[str, Any], TrainConfig]]:
-    """name -> (model YAML dict, train config) for every variant, all validated before any trains."""
-    base = load_train_config(sweep.train, sweep.overrides)
-    base_model = yaml.safe_load(pathlib.Path(base.model).read_text())
+def variant_configs(sweep: Sweep) -> dict[str, TrainConfig]:
+    """name -> train config (model included) for every variant, all validated before any trains."""
     configs = {}
     for variant in sweep.variants:
-        model_raw = {**base_model, "model": _merge(base_model["model"], variant.model)}
         try:
-            load_config(model_raw)
+            configs[variant.name] = load_train_config(
+                sweep.train, [*sweep.overrides, *variant.overrides, f"max_steps={sweep.steps}"])
         except ValueError as e:
-            raise ValueError(f"sweep variant {variant.name!r}: {e}") from e
-        model_path = sweep.out / variant.name / "model.yaml"
-        train = load_train_config(sweep.train, [*sweep.overrides, *variant.overrides,
-                                                f"model={model_path}", f"max_steps={sweep.steps}"])
-        configs[variant.name] = (model_raw, train)
+            raise ConfigError(f"sweep variant {variant.name!r}: {e}") from e
     return configs
 
 
@@ -162,8 +141,7 @@ def _summary(name: str, records: list[dict[str, Any]], params: int, compile_s: f
             "steps": records[-1]["step"]}
 
 
-def run_variant(name: str, model_raw: Mapping[str, Any], config: TrainConfig, steps: int,
-                workdir: pathlib.Path) -> dict[str, Any]:
+def run_variant(name: str, config: TrainConfig, steps: int, workdir: pathlib.Path) -> dict[str, Any]:
     """Train one variant to `steps` (resuming if it was interrupted); returns its summary."""
     import jax
 
@@ -175,8 +153,6 @@ def run_variant(name: str, model_raw: Mapping[str, Any], config: TrainConfig, st
         if summary["steps"] >= steps:
             log.info("sweep: %s already trained to step %d, skipped", name, summary["steps"])
             return summary
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "model.yaml").write_text(yaml.safe_dump(dict(model_raw), sort_keys=False))
     trainer = Trainer.build(config, workdir)
     params = int(sum(x.size for x in jax.tree.leaves(trainer.state.params)))
     trainer.run(resume=True, max_steps=steps)
@@ -236,8 +212,7 @@ def run_sweep(sweep: Sweep, make_plot: bool = True) -> list[dict[str, Any]]:
     sweep.out.mkdir(parents=True, exist_ok=True)
     for i, variant in enumerate(sweep.variants, 1):
         log.info("sweep: [%d/%d] %s", i, len(sweep.variants), variant.name)
-        model_raw, config = configs[variant.name]
-        run_variant(variant.name, model_raw, config, sweep.steps, sweep.out / variant.name)
+        run_variant(variant.name, configs[variant.name], sweep.steps, sweep.out / variant.name)
         records = collect(sweep)
         # Rewritten after each variant, so an interrupted sweep still has what it measured.
         (sweep.out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -246,12 +221,12 @@ def run_sweep(sweep: Sweep, make_plot: bool = True) -> list[dict[str, Any]]:
     return records
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moebius_jax.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m moebius_jax.sweep", description=__doc__)
     parser.add_argument("sweep", type=pathlib.Path, help="sweep YAML (e.g. configs/sweeps/mixers_tiny.yaml)")
     parser.add_argument("--out", type=pathlib.Path, help="output folder (default: the file's `out`)")
-    parser.add_argument("--steps", type=int, help="train steps per variant (default: the file's `steps`)")
+    parser.add_argument("--steps", type=cli.positive_int, help="train steps per variant (default: the file's `steps`)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

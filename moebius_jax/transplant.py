@@ -12,7 +12,6 @@ dense kernel of the same map, so a replaced mixer starts from its own initialise
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -24,16 +23,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import traverse_util
 
+from moebius_jax import cli
 from moebius_jax.config import ModelConfig, load_config
 from moebius_jax.convert import keymap as km
 from moebius_jax.convert.errors import CheckpointError
 from moebius_jax.convert.maps import UNET_KEYMAP
-from moebius_jax.convert.orbax_io import CONFIG_FILE, is_orbax_dir, save_variables
+from moebius_jax.convert.orbax_io import CONFIG_FILE, VARIABLES_DIR, is_orbax_dir, save_variables
 from moebius_jax.convert.state_dict import is_ema_file, read_ema_file, read_state_dict
+from moebius_jax.errors import read_yaml
 from moebius_jax.inspect_model import module_group
+from moebius_jax.io_safety import prepare_output_dir
 from moebius_jax.loading import BN_STAT_SUFFIXES, dummy_inputs, ema_sibling, load_model
 from moebius_jax.models.removal_model import RemovalModel
 
@@ -116,7 +117,7 @@ def _read_source(source: Any, keymap: km.KeyMap) -> tuple[dict[Path, np.ndarray]
     path = pathlib.Path(source)
     if path.is_dir():
         if not (is_orbax_dir(path) and (path / CONFIG_FILE).exists()):
-            raise ValueError(f"{path}: not a moebius_jax.convert directory with a {CONFIG_FILE}")
+            raise CheckpointError(f"{path}: not a moebius_jax.convert directory with a {CONFIG_FILE}")
         # The directory names its own architecture.
         _, variables = load_model(path / CONFIG_FILE, path)
         flat, _, _ = _read_source(variables, keymap)
@@ -182,24 +183,25 @@ def transplant(
     return traverse_util.unflatten_dict(merged), report
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moebius_jax.transplant", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m moebius_jax.transplant", description=__doc__)
     parser.add_argument("source", help=".bin / .safetensors / .EMA.bin, or a moebius_jax.convert directory")
     parser.add_argument("config", help="the variant's model YAML")
     parser.add_argument("--seed", type=int, default=0, help="initialiser seed for re-initialised tensors")
-    parser.add_argument("--out", help="write the variables and config here (a directory load_model reads)")
+    parser.add_argument("--out", help="write the variables and config here (a directory load_model reads): "
+                                      "new, empty, or an earlier transplant's")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier output in --out")
     parser.add_argument("--list-copied", action="store_true", help="list every copied tensor too")
     args = parser.parse_args(argv)
-    try:
-        variables, report = transplant(args.source, args.config, jax.random.key(args.seed))
-        print(report.format(list_copied=args.list_copied))
-        if args.out:
-            raw = yaml.safe_load(pathlib.Path(args.config).read_text())
-            print(f"wrote {save_variables(args.out, variables, raw)}")
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.out:
+        prepare_output_dir(args.out, "--out", marker=VARIABLES_DIR, writes=[CONFIG_FILE],
+                           inputs=[args.source, args.config], overwrite=args.overwrite)
+    load_config(args.config)  # a bad variant config is reported before the source is read
+    variables, report = transplant(args.source, args.config, jax.random.key(args.seed))
+    print(report.format(list_copied=args.list_copied))
+    if args.out:
+        print(f"wrote {save_variables(args.out, variables, read_yaml(args.config), overwrite=args.overwrite)}")
     return 0
 
 

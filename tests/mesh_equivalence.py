@@ -26,9 +26,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moebius_jax.loading import load_model  # noqa: E402
-from moebius_jax.train.config import load_train_config  # noqa: E402
+from moebius_jax.train.config import MeshConfig, load_train_config  # noqa: E402
 from moebius_jax.train.loop import Trainer  # noqa: E402
-from moebius_jax.train.mesh import batch_sharding, make_mesh, state_shardings  # noqa: E402
+from moebius_jax.train.mesh import batch_sharding, make_mesh, tree_shardings  # noqa: E402
 
 BASE = ["data.image_size=64", "data.mask_config=random_medium_256", "data.batch_size=8", "data.num_workers=0",
         "dtype=float32", "sample_every=0", "optimizer.learning_rate=1e-4", "optimizer.warmup_steps=0"]
@@ -41,10 +41,11 @@ def train(mesh_overrides, config_file="train_demo.yaml", steps=3):
     trainer = Trainer.build(config, "/nonexistent")
     data = trainer._data_iterator()
     state, losses = trainer.state, []
+    sharded = sum(any(x.sharding.spec) for x in jax.tree.leaves(state))  # initialised in its shardings
     for _ in range(steps):
         state, metrics = trainer.step_fn(state, trainer.frozen, trainer._to_global(next(data)))
         losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(state.params)
+    return losses, jax.device_get(state.params), sharded
 
 
 def gradient_differences():
@@ -68,7 +69,7 @@ def gradient_differences():
     perm = rng.permutation(b)
     permuted = grad(variables["params"], x[perm], t[perm], ids[perm], target[perm])
     mesh = make_mesh(4, 2, jax.devices())
-    params = jax.device_put(variables["params"], state_shardings(variables["params"], mesh))
+    params = jax.device_put(variables["params"], tree_shardings(variables["params"], mesh, MeshConfig().rules))
     sharded = grad(params, *(jax.device_put(a, batch_sharding(mesh)) for a in (x, t, ids, target)))
     scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(reference))
 
@@ -79,11 +80,12 @@ def gradient_differences():
     return distance(permuted), distance(sharded)
 
 
-single_losses, single_params = train(["mesh.num_devices=1", "mesh.data=1", "mesh.fsdp=1", *ADAMW])
-mesh_losses, mesh_params = train(MESH + ADAMW)
+single_losses, single_params, _ = train(["mesh.num_devices=1", "mesh.data=1", "mesh.fsdp=1", *ADAMW])
+mesh_losses, mesh_params, sharded_leaves = train(MESH + ADAMW)
 param_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(single_params), jax.tree.leaves(mesh_params)))
-distill_losses, _ = train(MESH + ADAMW, "distill_demo.yaml", steps=1)
+distill_losses, _, _ = train(MESH + ADAMW, "distill_demo.yaml", steps=1)
 permuted, sharded = gradient_differences()
 print(json.dumps({"devices": jax.device_count(), "single_losses": single_losses, "mesh_losses": mesh_losses,
+                  "sharded_state_leaves": sharded_leaves,
                   "max_param_diff": param_diff, "distill_losses": distill_losses,
                   "grad_diff_permuted": permuted, "grad_diff_mesh": sharded}))

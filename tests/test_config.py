@@ -41,6 +41,7 @@ def test_tiny_fixture_config_loads_from_a_dict():
         (lambda m: m.update(block_out_channels=[32, 48, 128]), "not divisible by norm_num_groups"),
         (lambda m: m.update(down_block_types=["CrossAttnDownBlock2D"] * 3), "not supported"),
         (lambda m: m.update(mystery=1), "unknown model config key"),
+        (lambda m: m.update(conv_in_kernel=5), "conv_in_kernel 5: only 3 is supported"),
         (lambda m: m.update(model_type="Nope"), "unknown model_type"),
     ],
 )

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moebius_jax.data.loader import BatchPlan, make_train_iterator
+from moebius_jax.data.loader import Sharding, make_train_iterator, record_stream
 from moebius_jax.data.masks import load_mask_config
 from moebius_jax.data.sources import (
     DataSourceError,
@@ -528,12 +528,10 @@ def test_same_seed_same_batches_other_seed_others(coded_source, mask_config):
 def test_processes_read_disjoint_shards_and_each_epoch_is_a_permutation(coded_source, mask_config):
     shards = []
     for process in range(2):
-        plan = BatchPlan(N_RECORDS, batch_size=3, seed=7, process_index=process, process_count=2)
-        stream = [record for step in range(8) for _, record in plan.records(step)]
-        epochs = [
-            stream[i : i + plan.shard_size] for i in range(0, 3 * plan.shard_size, plan.shard_size)
-        ]
+        records = record_stream(Sharding(N_RECORDS, process_index=process, process_count=2), seed=7)
         shard = set(range(process, N_RECORDS, 2))
+        stream = [records[i] for i in range(3 * len(shard))]
+        epochs = [stream[i : i + len(shard)] for i in range(0, len(stream), len(shard))]
         assert all(sorted(epoch) == sorted(shard) for epoch in epochs)
         assert len({tuple(epoch) for epoch in epochs}) > 1  # reshuffled between epochs
         shards.append(shard)
@@ -546,7 +544,7 @@ def test_processes_read_disjoint_shards_and_each_epoch_is_a_permutation(coded_so
         assert seen == shard
     assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(N_RECORDS))
     with pytest.raises(DataSourceError, match="cannot be sharded"):
-        BatchPlan(3, batch_size=1, seed=0, process_index=0, process_count=4)
+        Sharding(3, process_index=0, process_count=4)
 
 
 def test_resume_from_state_reproduces_the_next_batches(coded_source, mask_config):

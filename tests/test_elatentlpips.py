@@ -37,6 +37,7 @@ from moebius_jax.losses.elatentlpips import (
     elatentlpips_distance,
     elatentlpips_features,
     elatentlpips_terms,
+    l1_distance,
 )
 from moebius_jax.losses.elatentlpips_weights import (
     TRUNK_FILE,
@@ -404,6 +405,17 @@ def test_gradients_reach_inputs_only(small_metric):
     assert np.all(np.isfinite(grad_x)) and np.any(grad_x != 0)
     assert np.all(np.isfinite(grad_same))
     assert all(not np.any(g) for g in jax.tree.leaves(grad_params))  # the metric is frozen
+
+
+def test_l1_term_has_torchs_gradient_where_inputs_are_equal():
+    """|d| with derivative sign(d): 0 where the latents coincide (jnp.abs would give +1 there)."""
+    x0, x1 = _latents(5, (2, 4, 4, 4))
+    x1 = x1.at[:, :2].set(x0[:, :2])  # half of every sample equal
+    np.testing.assert_array_equal(l1_distance(x0, x1), jnp.mean(jnp.abs(x0 - x1), axis=(1, 2, 3)))
+    grad = jax.grad(lambda a: l1_distance(a, x1).sum())(x0)
+    n = x0[0].size
+    np.testing.assert_array_equal(grad[:, :2], 0.0)
+    np.testing.assert_array_equal(grad[:, 2:], np.sign(x0 - x1)[:, 2:] / n)
 
 
 # ------------------------------------------------------------------------------ weights and loaders

@@ -161,7 +161,7 @@ def test_benchmark_is_deterministic(bench, photos, tmp_path):
     assert len(head) == 5 and all(head[k] == _files(bench)[k] for k in head if k != "manifest.json")
 
 
-def test_user_masks(photos, tmp_path, caplog):
+def test_user_masks(photos, tmp_path, capsys):
     """MAT-style masks (black holes, 256 px, their own names) paired by sorted order; by stem
     a missing mask is named."""
     masks = tmp_path / "mat_masks"
@@ -183,7 +183,7 @@ def test_user_masks(photos, tmp_path, caplog):
 
     assert _build("--images", str(photos), "--mask-dir", str(masks), "--pair-by", "stem",
                   "--out", str(tmp_path / "wrong_stems")) == 1
-    assert "no mask for 5 image stem(s): beach, door" in caplog.text
+    assert "no mask for 5 image stem(s): beach, door" in capsys.readouterr().err
     named = tmp_path / "named_masks"
     named.mkdir()
     for name, *_ in PHOTOS:  # white holes, named after the images
@@ -195,12 +195,12 @@ def test_user_masks(photos, tmp_path, caplog):
     assert manifest.mean_hole_ratio == pytest.approx(50 * 50 / RESOLUTION**2)
     (masks / "mask000.png").unlink()
     assert _build("--images", str(photos), "--mask-dir", str(masks), "--out", str(tmp_path / "short")) == 1
-    assert "4 masks for 5 images" in caplog.text
+    assert "4 masks for 5 images" in capsys.readouterr().err
 
 
-def test_make_benchmark_refusals(bench, photos, monkeypatch, caplog):
+def test_make_benchmark_refusals(bench, photos, monkeypatch, capsys):
     assert _build("--images", str(photos), "--mask-setting", "random_medium_256", "--out", str(bench)) == 1
-    assert "already holds a benchmark" in caplog.text
+    assert "already holds a benchmark" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'moebius-jax\[data\]'"):
         make_benchmark.tfds_listing("places365_small", "validation", None, None, "image")
@@ -275,12 +275,12 @@ def test_run_without_metric_weights_says_what_it_skipped(resumed):
     assert "| – | – |" in first["table"] and "- FID not computed: no --fid-weights given" in first["table"]
 
 
-def test_run_refuses_other_settings(resumed, bench, caplog):
+def test_run_refuses_other_settings(resumed, bench, capsys):
     out = resumed["out"]
     before = _files(out / "pred")
     args = [*TINY, "--benchmark", str(bench), "--out", str(out)]
     assert run.main([*args[:args.index("--steps") + 1], "3", *args[args.index("--steps") + 2:]]) == 1
-    assert "other settings (steps: 2 -> 3)" in caplog.text
+    assert "other settings (steps: 2 -> 3)" in capsys.readouterr().err
     assert _files(out / "pred") == before
 
 
@@ -299,13 +299,13 @@ def test_score_matches_run(resumed, bench, metric_weights, tmp_path, capsys):
     assert (out / "metrics.md").read_text() in capsys.readouterr().out
 
 
-def test_score_plain_folders_and_missing_predictions(resumed, bench, tmp_path, caplog):
+def test_score_plain_folders_and_missing_predictions(resumed, bench, tmp_path, capsys):
     pred = tmp_path / "pred"
     pred.mkdir()
     for p in sorted((resumed["out"] / "pred").glob("*.png"))[1:]:
         os.link(p, pred / p.name)
     assert score.main(["--pred", str(pred), "--gt", str(bench)]) == 1
-    assert f"no prediction for 1 of 5 ground-truth images ({resumed['stems'][0]})" in caplog.text
+    assert f"no prediction for 1 of 5 ground-truth images ({resumed['stems'][0]})" in capsys.readouterr().err
     # A plain ground-truth folder: pairs by stem, captions with what it can see.
     gt = tmp_path / "gt"
     gt.mkdir()

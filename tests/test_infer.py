@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import numpy as np
 import pytest
 from conftest import fixture_path
 from PIL import Image, ImageDraw
 
 import infer
+from moebius_jax.pipeline import inpaint
+from moebius_jax.pipeline.inpaint import InpaintPipeline
+from moebius_jax.pipeline.preprocess import hole_mask
 
 WEIGHTS = fixture_path("moebius_tiny", "diffusion_pytorch_model.bin")
 VAE = fixture_path("vae_tiny")
@@ -125,3 +131,61 @@ def test_infer_refuses_to_overwrite_its_input(tmp_path):
     code = infer.main(["--weights", str(WEIGHTS), "--vae", str(VAE), "--config", str(CONFIG),
                        "--image", str(image), "--mask", str(mask), "--out", str(image)])
     assert code == 1 and image.read_bytes() == before
+
+
+def test_hole_mask_dilates_like_opencv():
+    """OpenCV's dilation by a k x k square, anchored at k // 2, after binarising (hand-worked)."""
+    mask = np.zeros((7, 7), np.uint8)
+    mask[3, 3], mask[0, 6] = 128, 127  # one hole pixel; one pixel just under the threshold
+    def grown(k):
+        return np.asarray(hole_mask(Image.fromarray(mask), k)) // 255
+    assert grown(0).tolist() == (mask >= 128).astype(int).tolist()
+    expected = {3: (slice(2, 5), slice(2, 5)), 2: (slice(3, 5), slice(3, 5)), 4: (slice(2, 6), slice(2, 6))}
+    for k, box in expected.items():  # even k: one pixel less towards the top and left
+        want = np.zeros((7, 7), int)
+        want[box] = 1
+        assert grown(k).tolist() == want.tolist(), k
+    with pytest.raises(ValueError, match="mask_dilate"):
+        hole_mask(Image.fromarray(mask), -1)
+
+
+def test_mask_dilate_equals_a_hand_dilated_mask(pipe):
+    image = _photo(150, 100, 13)
+    dilated = pipe(image, _mask(150, 100, (60, 30, 90, 60)), mask_dilate=5, **FAST)
+    by_hand = pipe(image, _mask(150, 100, (58, 28, 92, 62)), **FAST)  # 2 px more on every side
+    np.testing.assert_array_equal(np.asarray(dilated[0]), np.asarray(by_hand[0]))
+    with pytest.raises(ValueError, match="mask_dilate"):
+        pipe(image, _mask(150, 100, (60, 30, 90, 60)), mask_dilate=-1, **FAST)
+
+
+def test_random_seed_is_reported_and_reproduces(pipe, monkeypatch, caplog):
+    image, mask = _photo(150, 100, 14), _mask(150, 100, (60, 30, 90, 60))
+    monkeypatch.setattr(inpaint.secrets, "randbelow", lambda n: 4242)
+    with caplog.at_level(logging.INFO, logger="moebius_jax.pipeline.inpaint"):
+        (drawn,) = pipe(image, mask, seed=-1, **FAST)
+    assert pipe.last_seed == 4242 and "random seed: 4242" in caplog.text
+    (again,) = pipe(image, mask, seed=4242, **FAST)
+    (other,) = pipe(image, mask, seed=0, **FAST)
+    np.testing.assert_array_equal(np.asarray(drawn), np.asarray(again))
+    assert not np.array_equal(np.asarray(drawn), np.asarray(other))
+    with pytest.raises(ValueError, match="-1"):
+        pipe(image, mask, seed=-2, **FAST)
+
+
+def test_infer_new_flags(tmp_path, monkeypatch, capsys):
+    image, mask, out = tmp_path / "a.png", tmp_path / "m.png", tmp_path / "r.png"
+    _photo(150, 100, 15).save(image)
+    _mask(150, 100, (60, 30, 90, 60)).save(mask)
+    monkeypatch.setattr(inpaint.secrets, "randbelow", lambda n: 77)
+    code = infer.main(["--weights", str(WEIGHTS), "--vae", str(VAE), "--config", str(CONFIG), "--image", str(image),
+                       "--mask", str(mask), "--out", str(out), "--steps", "2", "--seed", "-1", "--mask-dilate", "5"])
+    assert code == 0 and out.exists()
+    report = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert report["seed"] == 77 and report["images"] == 1
+    args = infer.parse_args(["--image", "a", "--mask", "m", "--out", "o", "--cfg-until", "5", "--variant", "ft_ffhq"])
+    assert (args.cfg_until, args.variant, args.weights, args.vae) == (5, "ft_ffhq", None, None)
+    for bad in (["--seed", "-2"], ["--mask-dilate", "-1"], ["--cfg-until", "-1"], ["--variant", "ft_pets"]):
+        with pytest.raises(SystemExit):
+            infer.parse_args(["--image", "a", "--mask", "m", "--out", "o", *bad])
+    assert infer.main(["--image", str(image), "--mask", str(mask), "--out", str(tmp_path / "x.png"),
+                       "--variant", "ft_ffhq", "--weights", str(WEIGHTS)]) == 1  # which student? refused

@@ -21,6 +21,7 @@ def test_same_losses_parameters_and_gradients_on_an_8_device_mesh():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
+    assert result["sharded_state_leaves"] > 0  # the fsdp rule sharded the state as it was created
     single, mesh = result["single_losses"], result["mesh_losses"]
     # Step 1: the same batch, noise, timesteps and global-batch BatchNorm statistics (measured
     # 4.6e-6: the VAE encode and the loss reductions are reordered by the sharding).

@@ -8,6 +8,7 @@ rounding after every operation), everything else in float64.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -20,7 +21,14 @@ from flax import traverse_util
 
 from moebius_jax import loading
 from moebius_jax.train.ema import EmaState, ema_init, ema_update
-from moebius_jax.train.muon import muon, muon_param_labels, newton_schulz5
+from moebius_jax.train.muon import (
+    ADAMW_MODULES,
+    muon,
+    muon_param_labels,
+    newton_schulz5,
+    orthogonalized_update,
+    torch_axes,
+)
 from moebius_jax.train.optimizer import (
     OptimizerConfig,
     clip_by_global_norm_torch,
@@ -28,7 +36,6 @@ from moebius_jax.train.optimizer import (
     make_schedule,
     torch_global_norm,
 )
-from moebius_jax.train.schedules import constant_with_warmup, cosine_with_warmup
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -164,16 +171,35 @@ def _assert_close(ours: dict, ref: dict, start: dict, rtol_update: float, ulps: 
 # -- Muon ----------------------------------------------------------------------------------------
 
 
-def test_param_labels_follow_reference_names():
+def test_param_labels_follow_the_rule():
     params = _random_tree(np.random.default_rng(0))
     labels = traverse_util.flatten_dict(muon_param_labels(params))
     assert labels == {path: branch for path, (_, branch, _) in LEAVES.items()}
 
 
+def test_a_parameter_without_a_matrix_view_goes_to_adamw_with_one_notice(caplog):
+    params = _tree({("diff_model", "mixer", "decay"): np.zeros(7, np.float32),  # 1-D: AdamW, silently
+                    ("diff_model", "mixer", "mix"): np.zeros((3, 4, 5), np.float32),  # no known view
+                    ("diff_model", "mixer", "kernel"): np.zeros((3, 4), np.float32)})
+    with caplog.at_level("WARNING", logger="moebius_jax.train.muon"):
+        labels = traverse_util.flatten_dict(muon_param_labels(params))
+        muon_param_labels(params)  # asked again (a second optimizer): no second notice
+    assert labels == {("diff_model", "mixer", "decay"): "adamw", ("diff_model", "mixer", "mix"): "adamw",
+                      ("diff_model", "mixer", "kernel"): "muon"}
+    notices = [r.getMessage() for r in caplog.records]
+    assert notices == ["muon: 1 parameter(s) of a kind with no known matrix view train with AdamW: "
+                       "diff_model/mixer/mix (3, 4, 5)"]
+
+
+@functools.cache
+def _shapes(config: str) -> dict:
+    """Shapes of a model's "params" (eval_shape: nothing allocated)."""
+    return loading.abstract_variables(*loading.build_model(config))["params"]
+
+
 @pytest.fixture(scope="module")
 def student_shapes() -> dict:
-    """Shapes of the full student's "params" (eval_shape: nothing allocated)."""
-    return loading.abstract_variables(*loading.build_model("configs/moebius.yaml"))["params"]
+    return _shapes("configs/moebius.yaml")
 
 
 def test_param_split_of_the_full_student(student_shapes):
@@ -184,6 +210,55 @@ def test_param_split_of_the_full_student(student_shapes):
             for b in ("muon", "adamw")}
     assert count == {"muon": 288, "adamw": 543}
     assert size == {"muon": 225_511_736, "adamw": 529_795}
+
+
+def _reference_labels_and_layouts(params) -> dict:
+    """The reference's own rule on its own names: path -> (label, torch layout), the names and
+    layouts taken from the checkpoint key map (the converter, which the trainer does not use)."""
+    from moebius_jax.convert.maps import UNET_KEYMAP
+
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        name, layout = UNET_KEYMAP.flax_to_torch_key(("params", *path), len(leaf.shape))
+        torch_ndim = layout.to_torch(np.broadcast_to(np.zeros((), np.uint8), leaf.shape)).ndim
+        muon_ = torch_ndim >= 2 and not any(part in name for part in ("embedding_layer", "conv_in", "conv_out"))
+        out[path] = ("muon" if muon_ else "adamw", layout)
+    return out
+
+
+@pytest.mark.parametrize("config", ["configs/moebius.yaml", "configs/pixelhacker.yaml"])
+def test_labels_are_the_reference_split(config):
+    """Full student and teacher: the Flax-tree rule labels every leaf as the reference's
+    name rule does, and `ADAMW_MODULES` names exactly the modules its name parts pick."""
+    params = _shapes(config)
+    reference = _reference_labels_and_layouts(params)
+    ours = traverse_util.flatten_dict(muon_param_labels(params))
+    assert ours == {path: label for path, (label, _) in reference.items()}
+    assert {p for path in ours for p in path} >= ADAMW_MODULES
+
+
+@pytest.mark.parametrize("config", ["configs/moebius_tiny.yaml", "configs/pixelhacker_tiny.yaml"])
+def test_matrix_views_are_the_reference_layouts(config):
+    """Every Muon leaf of the tiny student and teacher: the matrix NS5 sees, built from the
+    Flax kind and shape, is element for element the key map's torch tensor reshaped (dim 0, rest)."""
+    params = _shapes(config)
+    reference = _reference_labels_and_layouts(params)
+    labels = traverse_util.flatten_dict(muon_param_labels(params))
+    checked = 0
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        if labels[path] != "muon":
+            continue
+        values = np.arange(math.prod(leaf.shape), dtype=np.float32).reshape(leaf.shape)
+        torch_tensor = reference[path][1].to_torch(values)
+        axes = torch_axes(path, leaf.shape)
+        ours = np.transpose(values, axes)
+        np.testing.assert_array_equal(ours.reshape(ours.shape[0], -1), torch_tensor.reshape(torch_tensor.shape[0], -1))
+        assert ours.shape[:2] == torch_tensor.shape[:2], path  # the lr ratio's two dims
+        checked += 1
+    assert checked > 20
+    # The round trip back to the Flax layout (NS5 output has the matrix's shape).
+    kernel = jnp.asarray(np.random.default_rng(0).standard_normal((3, 3, 4, 6)), jnp.float32)
+    assert orthogonalized_update(kernel, (3, 2, 0, 1)).shape == kernel.shape
 
 
 @pytest.mark.parametrize("shape", [(6, 36), (12, 8), (8, 9), (16, 40), (4, 25), (40, 16), (32, 32)])
@@ -246,21 +321,29 @@ def test_clip_differs_from_optax_at_the_threshold():
 # -- schedules ------------------------------------------------------------------------------------
 
 
+def _schedule(**fields) -> optax.Schedule:
+    return make_schedule(OptimizerConfig(**fields))
+
+
 def test_constant_with_warmup():
     steps = jnp.array([0, 1, 1000])
-    np.testing.assert_allclose(constant_with_warmup(1e-4)(steps), [1e-4] * 3, rtol=1e-7)
-    schedule = jax.jit(constant_with_warmup(1e-4, warmup_steps=10))
+    np.testing.assert_allclose(_schedule(learning_rate=1e-4)(steps), [1e-4] * 3, rtol=1e-7)
+    schedule = jax.jit(_schedule(learning_rate=1e-4, warmup_steps=10))
     got = [float(schedule(s)) for s in (0, 1, 5, 9, 10, 11, 500)]
     np.testing.assert_allclose(got, [0, 1e-5, 5e-5, 9e-5, 1e-4, 1e-4, 1e-4], rtol=1e-6)
 
 
 def test_cosine_with_warmup():
-    schedule = jax.jit(cosine_with_warmup(1e-4, warmup_steps=10, total_steps=110, min_lr=1e-5))
+    schedule = jax.jit(_schedule(schedule="cosine", learning_rate=1e-4, warmup_steps=10, total_steps=110,
+                                 min_lr=1e-5))
     steps = (0, 5, 10, 35, 60, 110, 300)
     expected = [0, 5e-5, 1e-4, 1e-5 + 9e-5 * 0.5 * (1 + math.cos(math.pi / 4)), 5.5e-5, 1e-5, 1e-5]
     np.testing.assert_allclose([float(schedule(s)) for s in steps], expected, rtol=1e-6, atol=1e-12)
-    plain = cosine_with_warmup(2e-4, 0, 100)  # min_lr 0: diffusers' cosine
+    plain = _schedule(schedule="cosine", learning_rate=2e-4, total_steps=100)  # min_lr 0: diffusers' cosine
+    np.testing.assert_allclose(float(plain(0)), 2e-4, rtol=1e-6)
     np.testing.assert_allclose(float(plain(25)), 2e-4 * 0.5 * (1 + math.cos(math.pi * 0.25)), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"total_steps \(10\) must exceed warmup_steps \(10\)"):
+        OptimizerConfig(schedule="cosine", warmup_steps=10, total_steps=10)
 
 
 # -- EMA -----------------------------------------------------------------------------------------
@@ -302,7 +385,7 @@ def test_default_config_is_the_reference():
     config = OptimizerConfig()
     assert dataclasses.astuple(config)[:11] == (
         "muon", 1e-4, 0.1, 0.95, True, 5, (0.9, 0.95), 1e-8, 1.0, "constant_with_warmup", 0)
-    assert float(make_schedule(config)(12345)) == np.float32(1e-4)
+    assert np.float32(make_schedule(config)(12345)) == np.float32(1e-4)
     with pytest.raises(ValueError):
         OptimizerConfig(name="sgd")
 

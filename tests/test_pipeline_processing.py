@@ -23,6 +23,7 @@ from moebius_jax.pipeline.preprocess import (
     Prepared,
     batch_prepared,
     binarize_mask,
+    load_pair,
     prepare,
     target_size,
 )
@@ -38,7 +39,7 @@ def stages() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def prepared() -> Prepared:
-    return prepare(fixture_path(FIXTURE, "image_0.png"), fixture_path(FIXTURE, "mask_000000.png"),
+    return prepare(*load_pair(fixture_path(FIXTURE, "image_0.png"), fixture_path(FIXTURE, "mask_000000.png")),
                    resolution=128)
 
 
@@ -145,10 +146,10 @@ def test_binarize_threshold_is_128():
     assert np.all(out[:128] == 0) and np.all(out[128:] == 255)
 
 
-def test_prepare_binarises_before_resizing():
+def test_mask_is_binarised_before_resizing():
     image = np.zeros((64, 64, 3), np.uint8)
-    assert not prepare(image, np.full((64, 64), 127, np.uint8), 64).mask.any()
-    full = prepare(image, np.full((64, 64), 128, np.uint8), 64)
+    assert not prepare(*load_pair(image, np.full((64, 64), 127, np.uint8)), 64).mask.any()
+    full = prepare(*load_pair(image, np.full((64, 64), 128, np.uint8)), 64)
     assert np.all(full.resized_mask == 255) and np.all(full.latent_mask == 1.0)
 
 
@@ -156,7 +157,7 @@ def test_prepare_non_square_layout():
     rng = np.random.default_rng(0)
     mask = np.zeros((389, 517), np.uint8)
     mask[100:200, 50:300] = 255
-    p = prepare(_rng_image(rng, 389, 517), mask, 512)
+    p = prepare(*load_pair(_rng_image(rng, 389, 517), mask), 512)
     assert (p.original_size, p.resized_size) == ((517, 389), (640, 512))
     assert p.resized_image.shape == (512, 640, 3) and p.resized_mask.shape == (512, 640)
     assert p.image.shape == p.masked_image.shape == (512, 640, 3)
@@ -169,20 +170,20 @@ def test_prepare_non_square_layout():
 
 def test_prepare_rejects_mismatched_and_tiny_inputs():
     with pytest.raises(ValueError, match="differs from image size"):
-        prepare(np.zeros((64, 64, 3), np.uint8), np.zeros((64, 65), np.uint8))
+        prepare(Image.new("RGB", (64, 64)), Image.new("L", (65, 64)))
     with pytest.raises(ValueError, match="30x20"):
-        prepare(np.zeros((20, 30, 3), np.uint8), np.zeros((20, 30), np.uint8), resolution=40)
+        prepare(Image.new("RGB", (30, 20)), Image.new("L", (30, 20)), resolution=40)
 
 
 def test_batch_prepared(prepared):
-    other = prepare(np.zeros((128, 128, 3), np.uint8), np.zeros((128, 128), np.uint8), 128)
+    other = prepare(Image.new("RGB", (128, 128)), Image.new("L", (128, 128)), 128)
     batch = batch_prepared([prepared, other])
     assert batch["image"].shape == (2, 128, 128, 3)
     assert batch["latent_mask"].shape == (2, 16, 16, 1)
     assert np.array_equal(batch["masked_image"][0], prepared.masked_image)
     assert batch["original_size"].tolist() == [[512, 512], [128, 128]]
     assert batch["resized_size"].tolist() == [[128, 128], [128, 128]]
-    wide = prepare(np.zeros((128, 192, 3), np.uint8), np.zeros((128, 192), np.uint8), 128)
+    wide = prepare(Image.new("RGB", (192, 128)), Image.new("L", (192, 128)), 128)
     with pytest.raises(ValueError, match="different resized sizes"):
         batch_prepared([prepared, wide])
     with pytest.raises(ValueError, match="empty"):
@@ -303,9 +304,9 @@ def test_paste_back_without_resize_equals_reference_paste(prepared, stages):
     result = stages["decoded_uint8"]
     original, mask = prepared.resized_image, prepared.resized_mask
     binary = np.asarray(binarize_mask(Image.fromarray(mask)))
-    assert np.array_equal(paste_back_to_original(result, original, mask),
+    assert np.array_equal(paste_back_to_original(result, original, binary),
                           paste(result, original, binary))
-    assert np.array_equal(paste_back_to_original(result, original, mask, compensate=True),
+    assert np.array_equal(paste_back_to_original(result, original, binary, compensate=True),
                           paste_compensate(result, original, binary))
 
 

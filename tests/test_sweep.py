@@ -15,7 +15,7 @@ from moebius_jax.sweep import load_sweep, main, run_sweep, variant_configs
 # The micro student, quick settings (conftest.MICRO_TRAIN: the reference variant's train step is
 # test_train's), one log per step.
 OVERRIDES = [*MICRO_TRAIN, "save_every=2"]
-ATTENTION = {"levels": {0: {"self_mixer": "attention"}}}
+ATTENTION = ["model.levels.0.self_mixer=attention"]
 
 
 def _write(tmp_path, variants, **extra):
@@ -36,7 +36,7 @@ def _curves(records):
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sweep")
-    path = _write(tmp_path, {"reference": {}, "same_again": {}, "attention": {"model": ATTENTION}})
+    path = _write(tmp_path, {"reference": {}, "same_again": {}, "attention": {"overrides": ATTENTION}})
     records = run_sweep(load_sweep(path))
     return tmp_path, path, records
 
@@ -58,7 +58,7 @@ def test_jsonl_png_and_summaries(swept):
     summaries = {r["variant"]: r for r in records if r.get("summary")}
     assert set(summaries) == {"reference", "same_again", "attention"}
     for name, s in summaries.items():
-        model = yaml.safe_load((out / name / "model.yaml").read_text())
+        model = yaml.safe_load((out / name / "config.yaml").read_text())["model"]  # the model itself
         assert s["params"] == count_parameters(model)
         assert s["steps"] == 3 and s["step_ms"] > 0 and s["compile_s"] > 0
         losses = [loss for _, loss in _curves(records)[name]]
@@ -87,8 +87,8 @@ def test_a_rerun_skips_finished_variants_and_extends_the_others(swept, capsys):
 @pytest.mark.parametrize("variants, match", [
     ({"bad": {"overrides": ["data.batch_size=8"]}}, "every variant shares"),
     ({"bad": {"overrides": ["seed=1"]}}, "every variant shares"),
-    ({"bad": {"model": {"levels": {0: {"self_mixer": "convolution"}}}}}, "variant 'bad'"),
-    ({"bad": {"layers": 2}}, "expected a mapping with `model`"),
+    ({"bad": {"overrides": ["model.levels.0.self_mixer=convolution"]}}, r"variant 'bad'.*self_mixer='convolution'"),
+    ({"bad": {"model": {"levels": {0: {"self_mixer": "attention"}}}}}, "expected a mapping with `overrides`"),
     ({"a/b": {}}, "names a folder"),
 ])
 def test_bad_sweeps_are_refused(tmp_path, variants, match):

@@ -8,12 +8,14 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_TRAIN, MICRO_TRAIN, ROOT, fixture_path
+import yaml
+from conftest import FAST_TRAIN, MICRO_STUDENT_CONFIG, MICRO_TRAIN, ROOT, fixture_path
 
 import train
 from moebius_jax.convert.state_dict import read_state_dict, read_ema_file
+from moebius_jax.config import load_config
 from moebius_jax.train import export
-from moebius_jax.train.config import load_train_config
+from moebius_jax.train.config import config_to_dict, load_train_config
 from moebius_jax.train.export import export_state
 from moebius_jax.train.loop import Trainer
 
@@ -111,10 +113,49 @@ def test_train_py_cli_with_a_jsonl_dataset(tmp_path, monkeypatch):
                        "--data-jsonl", str(data / "train.jsonl"), *MICRO_TRAIN, "save_every=2"]) == 0
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
-    assert (workdir / "checkpoints" / "2").is_dir() and (workdir / "config.yaml").exists()
+    assert (workdir / "checkpoints" / "2").is_dir()
+    written = yaml.safe_load((workdir / "config.yaml").read_text())  # the model's content, not its path
+    assert written["model"] == yaml.safe_load(MICRO_STUDENT_CONFIG.read_text())
     assert any((workdir / "tensorboard").iterdir())
     assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "exported")]) == 0
     assert (tmp_path / "exported" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_model_fields_are_overridden_like_any_other(tmp_path):
+    config = _config("model.levels.1.self_mixer=attention", "model.layers_per_block=1", "model.data.image_size=64",
+                     "model.levels.1.mixer_options.attention={}",
+                     "model.levels.2.mixer_options.local_lambda.kernel_size=7")
+    raw = yaml.safe_load((ROOT / "configs" / "moebius_tiny.yaml").read_text())
+    assert config.model["vae"] == raw["vae"] and config.model["data"] == {"image_size": 64}
+    assert config.model["model"] == {**raw["model"], "layers_per_block": 1, "levels": {
+        1: {"self_mixer": "attention", "mixer_options": {"attention": {}}},
+        2: {"mixer_options": {"local_lambda": {"kernel_size": 7}}}}}
+    unet = load_config(config.model).unet
+    assert [lv.self_mixer for lv in unet.levels] == ["local_lambda", "attention", "local_lambda"]
+    assert (unet.layers_per_block, unet.sample_size) == (1, 8)
+    assert unet.levels[2].mixer_options == {"local_lambda": {"kernel_size": 7}}
+    # A list given whole, then indexed; the model given as a path, then as the content the run wrote.
+    config = _config("model.levels=[{}, {channels: 96}, {}]", "model.levels.1.self_mixer=gla")
+    assert config.model["model"]["levels"] == [{}, {"channels": 96, "self_mixer": "gla"}, {}]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))  # as a run writes it
+    assert load_train_config(tmp_path / "config.yaml") == config
+    plain = _config()
+    assert plain.model == "configs/moebius_tiny.yaml"  # untouched unless a model key is overridden
+    assert yaml.safe_load(yaml.safe_dump(config_to_dict(plain)))["model"] == raw
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.levels.3.self_mixer=attention", r"model: levels: no level 3 \(the network has levels 0..2\)"),
+    ("model.levels.0.self_mixer=conv", r"model: level 0 self_mixer='conv': not one of \('local_lambda'"),
+    ("model.levels.0.mixer_options.gla.expand_k=1", r"model: level 0 mixer_options.gla: this level uses no 'gla'"),
+    ("model=3", r"model: expected str or dict, got 3"),
+    ("optimizer.learning_rate.x=1", r"override optimizer.learning_rate.x: 'learning_rate' holds 0.001, not a section"),
+])
+def test_bad_model_overrides_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        _config(override)
+    with pytest.raises(ValueError, match=r"override model.levels.3.channels: 3 is not an index of a list of 3"):
+        _config("model.levels=[{}, {}, {}]", "model.levels.3.channels=64")
 
 
 def test_bad_overrides_are_named():

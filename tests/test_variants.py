@@ -6,29 +6,30 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import yaml
 from conftest import MICRO_STUDENT_CONFIG, fixture_path
 from flax import traverse_util
 
-from moebius_jax.config import CROSS_MIXERS, FEED_FORWARDS, SELF_MIXERS, LevelConfig, load_config
+from moebius_jax.config import LevelConfig, UNetConfig, load_config
 from moebius_jax.convert import keymap as km
 from moebius_jax.convert.maps import UNET_KEYMAP
 from moebius_jax.inspect_model import count_parameters, inspect_model, main as inspect_main, xla_cost
+from moebius_jax.layers import mixers
 from moebius_jax.layers.self_lambda import SelfLambda
 from moebius_jax.layers.linear_attention import LinearAttention, elu_feature_map
-from moebius_jax.layers.transformer import (
-    CROSS_MIXER_FACTORIES,
-    FEED_FORWARD_FACTORIES,
-    SELF_MIXER_FACTORIES,
-    Transformer2D,
-)
+from moebius_jax.layers.transformer import Transformer2D
 from moebius_jax.loading import export_state_dict
 from moebius_jax.models.removal_model import RemovalModel
+from moebius_jax.train.muon import muon_param_labels
+from moebius_jax.train.optimizer import OptimizerConfig, make_optimizer
 from moebius_jax.transplant import transplant
 
 TINY_CONFIG = fixture_path("moebius_tiny", "config.yaml")
@@ -50,6 +51,12 @@ def _mini(levels: dict | list, **model_keys) -> dict:
     return raw
 
 
+def _mini_inputs() -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """A batch of two for `_mini` networks: an 8x8 latent, two timesteps, both id rows."""
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 9))
+    return x, jnp.array([10, 900]), jnp.array([list(range(10, 20)), list(range(10))])
+
+
 def _host_init(abstract: dict, seed: int = 0) -> dict:
     """Variables of the right shapes filled on the host (norms at identity, kernels ~ 1/sqrt(fan_in)):
     compiling Flax's init for a whole UNet costs more than the forward and backward together."""
@@ -67,18 +74,12 @@ def _host_init(abstract: dict, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def test_factory_tables_cover_the_config_names():
-    assert set(SELF_MIXER_FACTORIES) == set(SELF_MIXERS) - {"none"}
-    assert set(CROSS_MIXER_FACTORIES) == set(CROSS_MIXERS) - {"none"}
-    assert set(FEED_FORWARD_FACTORIES) == set(FEED_FORWARDS)
-
-
 # Every choice once, in the transformer wrapper the UNet builds for a level (the defaults cover
 # cross_lambda and mix_ffn); the surrounding UNet is the same for all of them.
 VARIANTS = [
-    *[("self_mixer", name) for name in SELF_MIXERS],
-    *[("cross_mixer", name) for name in CROSS_MIXERS if name != "cross_lambda"],
-    ("feed_forward", "geglu"),
+    *[("self_mixer", name) for name in mixers.mixer_names("self_mixer")],
+    *[("cross_mixer", name) for name in mixers.mixer_names("cross_mixer") if name != "cross_lambda"],
+    *[("feed_forward", name) for name in mixers.mixer_names("feed_forward") if name != "mix_ffn"],
 ]
 SUBLAYER = {"self_mixer": ("attn1", "norm1"), "cross_mixer": ("attn2", "norm2"), "feed_forward": ("ff", "norm3")}
 
@@ -101,7 +102,7 @@ def _loss_and_grads(apply, variables, *inputs):
 @pytest.mark.parametrize("field, name", VARIANTS, ids=[f"{f}={n}" for f, n in VARIANTS])
 def test_every_choice_trains_with_finite_gradients(field, name):
     level = LevelConfig(32, **{field: name})
-    block = Transformer2D(level, num_heads=8, table_side=4, context_length=10, mlp_ratio=2.5)
+    block = Transformer2D(UNetConfig(levels=(level,)), level, native_side=4)
     x = jax.random.normal(jax.random.key(1), (2, 4, 4, 32))
     context = jax.random.normal(jax.random.key(2), (2, 10, 16))
     variables = _host_init(jax.eval_shape(block.init, jax.random.key(0), x, context))
@@ -124,8 +125,7 @@ def test_a_mixed_variant_trains_end_to_end():
          {"channels": 96, "self_mixer": "linear_attention", "cross_mixer": "none", "transformer_depth": 2}],
     )
     model = RemovalModel(load_config(raw).unet)
-    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 9))
-    t, ids = jnp.array([10, 900]), jnp.array([list(range(10, 20)), list(range(10))])
+    x, t, ids = _mini_inputs()
     variables = _host_init(jax.eval_shape(model.init, jax.random.key(0), x, t, ids))
     (value, out), grads = _loss_and_grads(model.apply, variables, x, t, ids)
     assert out.shape == (2, 8, 8, 4) and bool(jnp.isfinite(value))
@@ -134,6 +134,81 @@ def test_a_mixed_variant_trains_end_to_end():
     assert ("diff_model", "up_blocks_0", "attentions_0", "transformer_blocks_1", "attn1", "to_out", "kernel") in flat
     assert flat[("diff_model", "down_blocks_0", "attentions_0", "transformer_blocks_0", "ff", "proj_in",
                  "kernel")].shape == (32, 96)  # GEGLU: 2 x int(1.5 * 32)
+
+
+def test_mixer_options_reach_the_modules():
+    raw = _mini({0: {"mixer_options": {"local_lambda": {"kernel_size": 7}}},
+                 1: {"self_mixer": "gla", "mixer_options": {"gla": {"expand_k": 1}}}})
+    model = RemovalModel(load_config(raw).unet)
+    shapes = traverse_util.flatten_dict(jax.eval_shape(model.init, jax.random.key(0), *_mini_inputs())["params"])
+    block = ("diff_model", "down_blocks_{}", "attentions_0", "transformer_blocks_0", "attn1")
+    at = lambda level, *leaf: shapes[(*(p.format(level) for p in block), *leaf)].shape  # noqa: E731
+    assert at(0, "pos_conv", "kernel") == (7, 7, 1, 4)  # 15 x 15 without the option
+    assert at(1, "q_proj", "kernel") == (64, 64)  # expand_k 1: keys as wide as the tokens (0.5: 32)
+
+
+class _Decay(nn.Module):
+    """A toy self mixer: each channel gated by a learned 1-D `decay`, a name no key map knows."""
+
+    init: float = 0.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, hw, train=False):
+        decay = self.param("decay", nn.initializers.constant(self.init), (x.shape[-1],))
+        return x * jax.nn.sigmoid(decay).astype(x.dtype)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The mixer registry, restored after the test (registrations are process-wide)."""
+    monkeypatch.setattr(mixers, "_REGISTRY", dict(mixers._REGISTRY))
+    return mixers
+
+
+def test_a_toy_mixer_added_through_the_registry_trains_with_the_default_muon(registry):
+    """One factory and its registration, nothing else: the config accepts the name and its
+    option, the level's transformer builds it, and the reference's Muon trains it (its 1-D
+    parameter of a name no key map knows goes to AdamW)."""
+
+    @registry.register_mixer("self_mixer", "decay")
+    def decay(site, init: float = 0.0):
+        return _Decay(init, dtype=site.dtype, name=site.name)
+
+    assert "decay" in registry.mixer_names("self_mixer")
+    unet = load_config(_mini({0: {"self_mixer": "decay", "mixer_options": {"decay": {"init": 2.0}}}})).unet
+    built = mixers.build_mixer("self_mixer", unet, unet.levels[0], native_side=8)
+    assert isinstance(built, _Decay) and (built.init, built.name) == (2.0, "attn1")
+
+    block = Transformer2D(unet, unet.levels[0], native_side=8)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 32))
+    context = jax.random.normal(jax.random.key(2), (2, 10, 16))
+    variables = _host_init(jax.eval_shape(block.init, jax.random.key(0), x, context))
+    tx = make_optimizer(OptimizerConfig(learning_rate=1e-2), variables["params"])  # Muon, the reference's
+    labels = traverse_util.flatten_dict(muon_param_labels(variables["params"]))
+    assert labels[("transformer_blocks_0", "attn1", "decay")] == "adamw"
+    assert labels[("transformer_blocks_0", "attn2", "to_k", "kernel")] == "muon"
+
+    @jax.jit
+    def step(params, opt_state, batch_stats):
+        def loss(p):
+            out, updates = block.apply({"params": p, "batch_stats": batch_stats}, x, context, train=True,
+                                       mutable=["batch_stats"])
+            return jnp.mean(jnp.square(out)), updates["batch_stats"]
+
+        (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, stats, value
+
+    params, opt_state, stats, losses = variables["params"], tx.init(variables["params"]), variables["batch_stats"], []
+    for _ in range(2):
+        params, opt_state, stats, value = step(params, opt_state, stats)
+        losses.append(float(value))
+    assert all(np.isfinite(losses)) and losses[1] < losses[0]
+    flat, start = traverse_util.flatten_dict(params), traverse_util.flatten_dict(variables["params"])
+    assert all(bool(jnp.any(flat[p] != start[p])) for p in flat)  # every parameter, the toy one too, moved
+    with pytest.raises(ValueError, match=r"self_mixer 'decay' is taken"):
+        registry.register_mixer("self_mixer", "decay")(decay)
 
 
 def _global_lambda_by_definition(x, params, side, hw):
@@ -236,7 +311,17 @@ def test_overrides_and_reference_switches_build_the_expected_levels():
         (False, {"levels": {5: {}}}, r"levels: no level 5"),
         (False, {"mid_level": {"self_mixer": "gla"}}, r"mid_level: this network has no mid block"),
         (False, {"norm_num_groups": 8, "levels": {1: {"channels": 40, "self_mixer": "gla"}}},
-         r"level 1 self_mixer='gla': key width channels/2=20 not divisible by num_heads 8"),
+         r"level 1 self_mixer='gla': key width channels\*0.5=20 not divisible by num_heads 8"),
+        (False, {"levels": {0: {"channels": 96}}, "attention_head_dim": 64},
+         r"level 0 self_mixer='local_lambda': channels=96 not divisible by num_heads 64"),
+        (False, {"levels": {0: {"mixer_options": {"local_lambda": {"kernel": 7}}}}},
+         r"level 0 mixer_options.local_lambda.kernel: not an option of local_lambda \(options: kernel_size\)"),
+        (False, {"levels": {0: {"mixer_options": {"local_lambda": {"kernel_size": 7.5}}}}},
+         r"level 0 mixer_options.local_lambda.kernel_size=7.5: expected int"),
+        (False, {"levels": {0: {"mixer_options": {"local_lambda": {"kernel_size": 4}}}}},
+         r"level 0 self_mixer='local_lambda': kernel_size=4: must be odd"),
+        (False, {"levels": {0: {"mixer_options": {"gla": {"expand_k": 1.0}}}}},
+         r"level 0 mixer_options.gla: this level uses no 'gla' \(it uses local_lambda, cross_lambda, mix_ffn\)"),
         (False, {"layers_per_block": 0}, r"layers_per_block 0"),
         (True, {"levels": {3: {"self_mixer": "attention"}}}, r"level 3 self_mixer: this level has no transformer"),
         (True, {"mid_level": {"channels": 64}}, r"mid_level channels: not an override field"),

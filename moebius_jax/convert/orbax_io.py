@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import secrets
 import shutil
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 import yaml
+
+from moebius_jax.io_safety import atomic_output
 
 VARIABLES_DIR = "variables"
 CONFIG_FILE = "config.yaml"
@@ -31,20 +34,27 @@ def save_variables(
     config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
-    """Write `variables` (and the raw config dict) under `directory`; returns the directory."""
+    """Write `variables` (and the raw config dict) under `directory`; returns the directory.
+    An existing output is replaced only once the new one is complete."""
     directory = pathlib.Path(directory).absolute()
     target = directory / VARIABLES_DIR
-    if target.exists():
-        if not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-        shutil.rmtree(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     directory.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target, dict(variables))
-    checkpointer.wait_until_finished()
+    fresh, old = (directory / f".{VARIABLES_DIR}.{secrets.token_hex(6)}.{kind}" for kind in ("new", "old"))
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(fresh, dict(variables))
+        checkpointer.wait_until_finished()
+        if target.exists():
+            target.rename(old)
+        fresh.rename(target)
+    finally:
+        for leftover in (fresh, old):
+            shutil.rmtree(leftover, ignore_errors=True)
     if config is not None:
-        with open(directory / CONFIG_FILE, "w") as f:
-            yaml.safe_dump(dict(config), f, sort_keys=False)
+        with atomic_output(directory / CONFIG_FILE) as tmp:
+            tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False))
     return directory
 
 

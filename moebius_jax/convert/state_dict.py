@@ -20,7 +20,8 @@ import safetensors
 import safetensors.numpy
 
 from moebius_jax.convert.errors import CheckpointError
-from moebius_jax.convert.torch_pickle import atomic_output, load_torch_file, save_torch_file
+from moebius_jax.convert.torch_pickle import load_torch_file, save_torch_file
+from moebius_jax.io_safety import atomic_output
 
 PathLike = str | os.PathLike
 

@@ -12,15 +12,12 @@ torch writes, so `torch.load(path, weights_only=True)` reads it back.
 from __future__ import annotations
 
 import collections
-import contextlib
 import io
 import os
-import pathlib
 import pickle
-import secrets
 import struct
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -28,6 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from moebius_jax.convert.errors import CheckpointError, UnsafePickleError
+from moebius_jax.io_safety import atomic_output
 
 PathLike = str | os.PathLike
 
@@ -405,20 +403,6 @@ def load_torch_file(path: PathLike) -> Any:
 
 # --------------------------------------------------------------------------------------------
 # Writing
-
-
-@contextlib.contextmanager
-def atomic_output(path: PathLike) -> Iterator[pathlib.Path]:
-    """Yield a temporary sibling of `path`; it replaces `path` only if the block completes."""
-    target = pathlib.Path(path)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class _PickleWriter:

@@ -1,17 +1,19 @@
 """The training batch iterator: deterministic, sharded per JAX process, multi-worker, resumable.
 
-Every batch is a pure function of ``(source, options, seed, process, step)``:
+Batches are a Grain ``MapDataset``, random access by step, so every batch is a pure function of
+``(source, options, seed, process, step)``:
 
 * **Sharding.** Process ``p`` of ``P`` owns the records ``p, p + P, p + 2P, ...`` (fixed for
-  the run), so processes never read the same record.
-* **Order.** A process's sample stream is an endless sequence of epochs over its shard, each
-  epoch a fresh permutation drawn from ``(seed, process, epoch)``. Batch ``t`` holds stream
-  positions ``t·B .. t·B + B − 1``, so the batch size is fixed and a batch may span two
-  epochs (the reference's loader cycles with ``drop_last=False`` and so ends each epoch with
-  a smaller batch; a constant shape is what a jitted step wants).
-* **Randomness.** Each sample's masks, crop and flip come from its own generator seeded by
-  ``(seed, process, epoch, record)`` (NumPy ``SeedSequence`` spawn keys, as in
-  :func:`moebius_jax.data.masks.mask_rng`), never from a global RNG or a worker's state.
+  the run; ``grain.sharding.ShardByJaxProcess`` by default), so processes never read the same
+  record.
+* **Order.** A process's sample stream repeats its shard endlessly (``repeat``), in a fresh
+  permutation every epoch (``shuffle``, seeded by ``(seed, process)`` and the epoch). Batch
+  ``t`` holds stream positions ``t·B .. t·B + B − 1`` (``batch``), so the batch size is fixed and
+  a batch may span two epochs (the reference's loader cycles with ``drop_last=False`` and so
+  ends each epoch with a smaller batch; a constant shape is what a jitted step wants).
+* **Randomness.** Each sample's masks, crop and flip come from its own generator, keyed by
+  ``(seed, process)`` and its stream position (``random_map``), never from a global RNG or a
+  worker's state.
 
 Hence the iterator's whole position is the next step: :meth:`TrainIterator.get_state` returns a
 small dict of ints (the step plus the settings it depends on) that can be saved with a
@@ -22,13 +24,12 @@ Why Grain: it is pure Python (no TensorFlow runtime), runs the per-sample NumPy 
 in worker processes with bounded prefetch and hands results back in a deterministic order, and
 reads by record index, the access pattern of the reference's map-style dataset and of TFDS'
 ArrayRecord files. tf.data would bring TensorFlow into every training run and makes exact,
-index-keyed randomness awkward. Grain's own iterator state is not used because ours is
-simpler, independent of the worker count, and validated against the settings on resume.
+index-keyed randomness awkward. Grain's iterator state is not saved because the step alone is
+the position, independent of the worker count, and validated against the settings on resume.
 """
 
 from __future__ import annotations
 
-import functools
 import pathlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,43 +47,28 @@ from moebius_jax.data.masks import (  # _check_int: the package's integer valida
 from moebius_jax.data.sources import DataSourceError
 from moebius_jax.data.transforms import ItemSource, check_extra_fg_masks, collate, prepare_sample
 
-# Spawn-key prefixes keeping the loader's streams apart from other users of the same seed.
+# Keep the loader's seeds apart from other users of the same run seed.
 _SHUFFLE_STREAM = 0x5348  # "SH"
 _SAMPLE_STREAM = 0x534D  # "SM"
-# Grain needs a finite length; at any realistic step count this is endless.
-_LAST_STEP = 2**62
 # Batches each worker prepares ahead of the consumer.
 _PER_WORKER_BUFFER = 2
 
 
-@functools.lru_cache(maxsize=4)
-def epoch_permutation(seed: int, process_index: int, epoch: int, shard_size: int) -> np.ndarray:
-    """The order of a process's shard in one epoch (cached: consecutive batches share it)."""
-    key = (_SHUFFLE_STREAM, process_index, epoch)
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key)).permutation(
-        shard_size
-    )
-
-
-def sample_rng(seed: int, process_index: int, epoch: int, record: int) -> np.random.Generator:
-    """The generator of every random draw for one record in one epoch on one process."""
-    key = (_SAMPLE_STREAM, process_index, epoch, record)
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+def _stream_seed(seed: int, stream: int, process_index: int) -> int:
+    """A 32-bit seed (what Grain takes) for one of the loader's streams on one process."""
+    sequence = np.random.SeedSequence(seed, spawn_key=(stream, process_index))
+    return int(sequence.generate_state(1, np.uint32)[0])
 
 
 @dataclass(frozen=True)
-class BatchPlan:
-    """Which records (and epochs) make up each batch of one process."""
+class Sharding:
+    """Which records one process reads, of how many."""
 
     num_records: int
-    batch_size: int
-    seed: int
     process_index: int
     process_count: int
 
     def __post_init__(self) -> None:
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("seed", self.seed, 0)
         _check_int("process_count", self.process_count, 1)
         _check_int("process_index", self.process_index, 0)
         if self.process_index >= self.process_count:
@@ -94,28 +80,19 @@ class BatchPlan:
                 f"{self.num_records} records cannot be sharded over {self.process_count} processes"
             )
 
-    @property
-    def shard_size(self) -> int:
-        """Number of records this process owns."""
-        return len(range(self.process_index, self.num_records, self.process_count))
 
-    def records(self, step: int) -> list[tuple[int, int]]:
-        """``(epoch, record index in the source)`` of each sample of batch ``step``."""
-        _check_int("step", step, 0)
-        out = []
-        for position in range(step * self.batch_size, (step + 1) * self.batch_size):
-            epoch, slot = divmod(position, self.shard_size)
-            order = epoch_permutation(self.seed, self.process_index, epoch, self.shard_size)
-            out.append((epoch, self.process_index + self.process_count * int(order[slot])))
-        return out
+def record_stream(sharding: Sharding, seed: int) -> grain.MapDataset:
+    """This process's endless sequence of record indices: its shard, reshuffled every epoch."""
+    _check_int("seed", seed, 0)
+    shard = grain.MapDataset.range(sharding.num_records)[sharding.process_index::sharding.process_count]
+    return shard.shuffle(seed=_stream_seed(seed, _SHUFFLE_STREAM, sharding.process_index)).repeat()
 
 
 @dataclass(frozen=True)
-class BatchMaker:
-    """Builds batch ``step`` from scratch: what each loader worker runs (picklable)."""
+class SampleMaker:
+    """Record index + generator -> one prepared sample: what each loader worker runs (picklable)."""
 
     source: ItemSource
-    plan: BatchPlan
     image_size: int
     mask_config: MaskGeneratorConfig
     use_extra_fg_mask: bool = False
@@ -124,20 +101,26 @@ class BatchMaker:
         _check_int("image_size", self.image_size, 1)
         check_extra_fg_masks(self.source, self.use_extra_fg_mask)  # fail now, not in a worker
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        plan = self.plan
-        samples = [
-            prepare_sample(
-                self.source,
-                record,
-                sample_rng(plan.seed, plan.process_index, epoch, record),
-                image_size=self.image_size,
-                mask_config=self.mask_config,
-                use_extra_fg_mask=self.use_extra_fg_mask,
-            )
-            for epoch, record in plan.records(step)
-        ]
-        return collate(samples)
+    def __call__(self, record: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return prepare_sample(
+            self.source,
+            int(record),
+            rng,
+            image_size=self.image_size,
+            mask_config=self.mask_config,
+            use_extra_fg_mask=self.use_extra_fg_mask,
+        )
+
+
+def batch_dataset(
+    make_sample: SampleMaker, sharding: Sharding, seed: int, batch_size: int
+) -> grain.MapDataset:
+    """Endless batches of one process, indexed by step."""
+    _check_int("batch_size", batch_size, 1)
+    samples = record_stream(sharding, seed).random_map(
+        make_sample, seed=_stream_seed(seed, _SAMPLE_STREAM, sharding.process_index)
+    )
+    return samples.batch(batch_size, drop_remainder=True, batch_fn=collate)  # endless: no remainder
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -155,18 +138,19 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     Close it (or use it as a context manager) to stop its worker processes.
     """
 
-    def __init__(self, make_batch: BatchMaker, num_workers: int, step: int = 0) -> None:
-        self.make_batch = make_batch
+    def __init__(
+        self, dataset: grain.MapDataset, settings: dict[str, int], num_workers: int, step: int = 0
+    ) -> None:
+        self.dataset = dataset  # batch t is dataset[t]
+        self.settings = settings  # what the position is only valid with (seed, sizes, sharding)
         self.num_workers = _check_int("num_workers", num_workers, 0)
         self._step = _check_int("step", step, 0)
         self._batches: grain.DatasetIterator | None = self._start(self._step)
 
     def _start(self, step: int) -> grain.DatasetIterator:
         # No in-process threads: parallelism is the worker processes (the work is GIL-bound).
-        dataset = (
-            grain.MapDataset.range(step, _LAST_STEP)
-            .map(self.make_batch)
-            .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        dataset = self.dataset[step:].to_iter_dataset(
+            grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
         )
         if self.num_workers > 0:
             _mark_absl_flags_parsed()
@@ -194,25 +178,15 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             for key, value in batch.items()
         }
 
-    def _settings(self) -> dict[str, int]:
-        plan = self.make_batch.plan
-        return {
-            "seed": plan.seed,
-            "batch_size": plan.batch_size,
-            "process_index": plan.process_index,
-            "process_count": plan.process_count,
-            "num_records": plan.num_records,
-        }
-
     def get_state(self) -> dict[str, int]:
         """The position (next step) and the settings it is only valid with; JSON-serialisable."""
-        return {"step": self._step, **self._settings()}
+        return {"step": self._step, **self.settings}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`get_state` result; the settings must be the same."""
         mismatched = {
             key: (state.get(key), value)
-            for key, value in self._settings().items()
+            for key, value in self.settings.items()
             if state.get(key) != value
         }
         if mismatched:
@@ -257,17 +231,26 @@ def make_train_iterator(
     ``mask`` (B,S,S,1) f32 {0, 1} (1 = hole), ``masked_image`` (B,S,S,3) f32, ``input_ids``
     (B,10) i32.
 
-    ``batch_size`` is per process; ``process_index`` / ``process_count`` default to JAX's;
+    ``batch_size`` is per process; ``process_index`` / ``process_count`` default to JAX's
+    (``grain.sharding.ShardByJaxProcess``);
     ``mask_config`` is a config or a mask YAML path / shipped name; ``num_workers=0`` works
     in-process. ``start_step`` (or ``set_state``) starts at a given batch.
     """
     if process_index is None or process_count is None:
-        import jax  # only when asked: the loader itself never touches a device
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
+        jax_shard = grain.sharding.ShardByJaxProcess()  # imports JAX only when asked
+        process_index = jax_shard.shard_index if process_index is None else process_index
+        process_count = jax_shard.shard_count if process_count is None else process_count
     if not isinstance(mask_config, MaskGeneratorConfig):
         mask_config = load_mask_config(mask_config)
-    plan = BatchPlan(len(source), batch_size, seed, process_index, process_count)
-    maker = BatchMaker(source, plan, image_size, mask_config, use_extra_fg_mask)
-    return TrainIterator(maker, num_workers, start_step)
+    sharding = Sharding(len(source), process_index, process_count)
+    make_sample = SampleMaker(source, image_size, mask_config, use_extra_fg_mask)
+    settings = {
+        "seed": seed,
+        "batch_size": batch_size,
+        "process_index": process_index,
+        "process_count": process_count,
+        "num_records": len(source),
+    }
+    return TrainIterator(
+        batch_dataset(make_sample, sharding, seed, batch_size), settings, num_workers, start_step
+    )

@@ -56,6 +56,8 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
+from moebius_jax.errors import UserError
+
 SHIPPED_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs" / "masks"
 
 # Sections of the reference YAML that the reference reads but never uses for masks.
@@ -73,7 +75,7 @@ _GENERATOR_KEYS = frozenset(
 _TWO_PI_REFERENCE = 2 * 3.1415926
 
 
-class MaskConfigError(ValueError):
+class MaskConfigError(UserError):
     """A mask config file cannot be read or does not fit the reference schema."""
 
 

@@ -16,29 +16,35 @@ Differences from the reference, all deliberate:
 * Relative paths are resolved against the jsonl file's folder (not the working directory), so
   a data set can be moved as a whole.
 * By default every referenced file must exist when the source is built, and a foreground item
-  must have a mask: bad data fails at start-up with the file and line, not hours into a run.
+  must have a mask; :func:`check_images` then reads every file's header. Bad data fails at
+  start-up with the file and line, not hours into a run.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import pathlib
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from moebius_jax.errors import MissingExtraError, UserError
+from moebius_jax.latents import TASKS
+
 logger = logging.getLogger(__name__)
 
 Prompt = Literal["background", "foreground"]
-PROMPTS: tuple[str, ...] = ("background", "foreground")
+PROMPTS: tuple[str, ...] = TASKS  # a record's prompt is the task it trains
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 
 # An encoded image (JPEG, PNG, ...): a file, or its bytes (TFDS records).
 ImageRef = pathlib.Path | bytes
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError):
     """A data description (jsonl line, folder, TFDS dataset) cannot be used; names where."""
 
 
@@ -206,6 +212,54 @@ def folder_source(
 
 
 # --------------------------------------------------------------------------------------------
+# Start-up check
+
+# Above this many files the header check shows a progress bar.
+_PROGRESS_FROM = 1000
+# Shown when the check fails; the rest are counted.
+_LISTED_FAILURES = 10
+
+
+def _header_problem(path: pathlib.Path) -> str | None:
+    """Why Pillow cannot identify ``path`` as an image from its header, or None if it can."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except FileNotFoundError:
+        return "no such file"
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as err:
+        return str(err) or type(err).__name__
+    return None if width > 0 and height > 0 else f"size {width}x{height}"
+
+
+def check_images(source: Sequence[Item], workers: int = 16) -> None:
+    """Read the header of every image and mask file ``source`` names (Pillow identifies the format
+    and size without decoding), in threads, with a progress bar for big sets; every file that is
+    missing or not an image is reported at once, naming its item. Encoded records (TFDS) are
+    checked when read, by the loader's retry: checking them here would read the whole data set."""
+    files: dict[pathlib.Path, str] = {}  # each file once, with the first item naming it
+    for item in source:
+        for ref in (item.image, item.mask):
+            if isinstance(ref, pathlib.Path):
+                files.setdefault(ref, item.origin)
+    if not files:
+        return
+    from tqdm import tqdm
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # file-system latency, not CPU
+        problems = list(tqdm(pool.map(_header_problem, files), total=len(files), desc="checking images",
+                             unit="file", disable=len(files) < _PROGRESS_FROM))
+    bad = [f"{origin}: {path}: {problem}" if origin != str(path) else f"{path}: {problem}"
+           for (path, origin), problem in zip(files.items(), problems) if problem]
+    if bad:
+        more = f"\n  ... and {len(bad) - _LISTED_FAILURES} more" if len(bad) > _LISTED_FAILURES else ""
+        raise DataSourceError(f"{len(bad)} of {len(files)} data files cannot be read as images:\n  "
+                              + "\n  ".join(bad[:_LISTED_FAILURES]) + more)
+
+
+# --------------------------------------------------------------------------------------------
 # TFDS
 
 
@@ -253,7 +307,7 @@ def tfds_source(
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
-        raise ImportError(
+        raise MissingExtraError(
             "tfds_source needs tensorflow-datasets: pip install 'moebius-jax[data]'"
         ) from err
     where = f"{name}/{split}" + (f" in {data_dir}" if data_dir is not None else "")

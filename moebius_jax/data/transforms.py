@@ -22,19 +22,15 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
+from scipy import ndimage
 
 from moebius_jax.data.masks import MaskGeneratorConfig, generate_mask
 from moebius_jax.data.sources import DataSourceError, ImageRef, Item
+from moebius_jax.latents import task_ids
 
 logger = logging.getLogger(__name__)
 
-NUM_INPUT_IDS = 10
-# Background (inpaint with scene content) vs foreground (object) task ids.
-INPUT_IDS: dict[str, np.ndarray] = {
-    "background": np.arange(0, NUM_INPUT_IDS, dtype=np.int32),
-    "foreground": np.arange(NUM_INPUT_IDS, 2 * NUM_INPUT_IDS, dtype=np.int32),
-}
 DILATE_PROBA = 0.99
 # What can go wrong decoding a file; anything else (a bug, a bad source) is not retried.
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -93,16 +89,14 @@ def load_mask(ref: ImageRef, width: int, height: int) -> np.ndarray:
 def dilate(mask: np.ndarray, kernel: int, iterations: int) -> np.ndarray:
     """``cv2.dilate(mask, ones((kernel, kernel)), iterations=iterations)`` for a uint8 mask.
 
-    Dilation by a flat square is a moving maximum, which is Pillow's ``MaxFilter``. Borders:
-    OpenCV's default pads with the smallest value, so the window is in effect clipped to the
-    image; Pillow pads by repeating the edge pixel, and a repeated pixel is a copy of one that
-    already lies in the clipped window (the window always contains the edge it crosses), so the
-    maximum is the same. Iterating on the result is what OpenCV's ``iterations`` does.
+    Dilation by a flat square is a moving maximum. OpenCV anchors the square at index
+    kernel // 2 (so for an even size the window reaches one pixel further up and left) and
+    lets no outside pixel count; scipy's filter has the same anchor, and padding with 0,
+    uint8's minimum, never raises a maximum. Iterating is what OpenCV's ``iterations`` does.
     """
-    image = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
     for _ in range(iterations):
-        image = image.filter(ImageFilter.MaxFilter(kernel))
-    return np.asarray(image)
+        mask = ndimage.maximum_filter(np.asarray(mask, dtype=np.uint8), size=kernel, mode="constant", cval=0)
+    return mask
 
 
 def background_mask(
@@ -243,7 +237,7 @@ def prepare_sample(
     return {
         "image": np.ascontiguousarray(pixels),
         "mask": np.ascontiguousarray(mask),
-        "input_ids": INPUT_IDS[item.prompt].copy(),
+        "input_ids": task_ids(item.prompt),
     }
 
 

@@ -16,7 +16,6 @@ written last: a folder without one is an unfinished build and is refused.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -24,7 +23,8 @@ from typing import Any
 
 from PIL import Image
 
-from moebius_jax.convert.torch_pickle import atomic_output
+from moebius_jax.errors import UserError
+from moebius_jax.io_safety import atomic_output
 
 MANIFEST = "manifest.json"
 IMAGES = "images"
@@ -33,7 +33,7 @@ FORMAT = "moebius-jax-benchmark"
 VERSION = 1
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError):
     """A benchmark folder or its manifest is missing, malformed or incomplete; names the file."""
 
 
@@ -148,10 +148,3 @@ def crop_and_resize(image: Image.Image, resolution: int, resample: Image.Resampl
     square = image.crop((left, top, left + side, top + side))
     return square if side == resolution else square.resize((resolution, resolution), resample)
 
-
-def positive_int(text: str) -> int:
-    """argparse type of the eval commands' counts and sizes."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value

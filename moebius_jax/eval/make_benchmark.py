@@ -32,13 +32,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from moebius_jax import cli
 from moebius_jax.data.masks import MaskGeneratorConfig, generate_mask, load_mask_config, mask_rng
 from moebius_jax.data.sources import Item, folder_source, tfds_source
+from moebius_jax.errors import MissingExtraError
 from moebius_jax.eval.benchmark import (
-    IMAGES, MANIFEST, MASKS, BenchmarkError, Manifest, Pair, crop_and_resize, image_path, mask_path, positive_int,
-    write_manifest)
+    IMAGES, MANIFEST, MASKS, BenchmarkError, Manifest, Pair, crop_and_resize, image_path, mask_path, write_manifest)
 from moebius_jax.pipeline.image_io import load_image, load_mask
-from moebius_jax.pipeline.inpaint import MIN_SIDE
 from moebius_jax.pipeline.preprocess import binarize_mask
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def tfds_listing(name: str, split: str, data_dir: str | None, manual_dir: str | 
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
-        raise ImportError("--tfds needs tensorflow-datasets: pip install 'moebius-jax[data]'") from err
+        raise MissingExtraError("--tfds needs tensorflow-datasets: pip install 'moebius-jax[data]'") from err
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
         log.info("preparing TFDS %s (once; this can take long)", name)
@@ -160,12 +160,12 @@ def check_out_dir(out: pathlib.Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="new benchmark folder")
-    p.add_argument("--resolution", type=int, default=512, help="side of the square benchmark images")
+    p.add_argument("--resolution", type=cli.model_resolution, default=512, help="side of the square benchmark images")
     p.add_argument("--name", default=None, help="benchmark name for tables (default: the --out folder name)")
-    p.add_argument("--limit", type=positive_int, default=None, help="keep the first N images of the sorted source")
-    p.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="keep the first N images of the sorted source")
+    p.add_argument("--workers", type=cli.positive_int, default=min(8, os.cpu_count() or 1))
     src = p.add_argument_group("source (one)")
     src.add_argument("--images", help="folder of images (.jpg/.jpeg/.png/.webp)")
     src.add_argument("--tfds", help="TFDS dataset name, e.g. places365_small, celeb_a_hq/512")
@@ -186,38 +186,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give exactly one of --images and --tfds")
     if (args.mask_setting is None) == (args.mask_dir is None):
         p.error("give exactly one of --mask-setting and --mask-dir")
-    if args.resolution < MIN_SIDE:
-        p.error(f"--resolution must be at least {MIN_SIDE} (the model's smallest input)")
     return args
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     out = pathlib.Path(args.out)
-    try:
-        check_out_dir(out)
-        if args.images is not None:
-            full = folder_listing(args.images)
-        else:
-            full = tfds_listing(args.tfds, args.split, args.data_dir, args.manual_dir, args.image_key)
-        listing = full.head(args.limit)
-        if args.mask_setting is not None:
-            config = load_mask_config(args.mask_setting)
-            masks = {"kind": "generated", "setting": args.mask_setting, "seed": args.seed,
-                     "config": dataclasses.asdict(config)}
-            mask_for = functools.partial(generated_mask, config, args.seed, args.resolution)
-            mask_sources = None
-        else:
-            # Pair against the full listing (MAT's count check), then keep the same head.
-            mask_sources = pair_masks(full, args.mask_dir, args.pair_by)[:len(listing.stems)]
-            masks = {"kind": "user", "dir": str(args.mask_dir), "pair_by": args.pair_by, "hole": args.mask_hole}
-            mask_for = functools.partial(user_mask, mask_sources, args.resolution, args.mask_hole == "black")
-        manifest = build(out, args.name or out.resolve().name, args.resolution, listing, masks, mask_for,
-                         mask_sources, args.workers)
-    except (ValueError, OSError, ImportError) as err:  # BenchmarkError, DataSourceError, MaskConfigError, ...
-        log.error("%s", err)
-        return 1
+    check_out_dir(out)
+    if args.images is not None:
+        full = folder_listing(args.images)
+    else:
+        full = tfds_listing(args.tfds, args.split, args.data_dir, args.manual_dir, args.image_key)
+    listing = full.head(args.limit)
+    if args.mask_setting is not None:
+        config = load_mask_config(args.mask_setting)
+        masks = {"kind": "generated", "setting": args.mask_setting, "seed": args.seed,
+                 "config": dataclasses.asdict(config)}
+        mask_for = functools.partial(generated_mask, config, args.seed, args.resolution)
+        mask_sources = None
+    else:
+        # Pair against the full listing (MAT's count check), then keep the same head.
+        mask_sources = pair_masks(full, args.mask_dir, args.pair_by)[:len(listing.stems)]
+        masks = {"kind": "user", "dir": str(args.mask_dir), "pair_by": args.pair_by, "hole": args.mask_hole}
+        mask_for = functools.partial(user_mask, mask_sources, args.resolution, args.mask_hole == "black")
+    manifest = build(out, args.name or out.resolve().name, args.resolution, listing, masks, mask_for,
+                     mask_sources, args.workers)
     log.info("wrote %s: %d pairs at %dx%d, masks %s", out, len(manifest.pairs), args.resolution,
              args.resolution, manifest.mask_summary())
     return 0

@@ -9,7 +9,8 @@ folder of images; predictions are matched by file stem and every ground-truth im
 one (FID depends on the set size). All images must have one size. FID and LPIPS need their
 networks' weight files (see `moebius_jax.eval.weights` for where to get them); a metric
 whose weights are not given is skipped and the output says so. PSNR and SSIM need nothing.
-Prints the table; with --out, writes OUT/metrics.json and OUT/metrics.md.
+Prints the table; with --out, writes OUT/metrics.json and OUT/metrics.md (OUT must be new or
+empty, or hold an earlier metrics.json, which --overwrite replaces).
 
 Everything streams in batches: FID keeps running statistics, the others running sums, so
 memory does not grow with the benchmark. Network calls are padded to one batch shape (one
@@ -32,13 +33,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from moebius_jax.convert.torch_pickle import atomic_output
+from moebius_jax import cli
 from moebius_jax.data.sources import folder_source
 from moebius_jax.eval import image_metrics
-from moebius_jax.eval.benchmark import MANIFEST, BenchmarkError, Manifest, positive_int, read_manifest
+from moebius_jax.eval.benchmark import MANIFEST, BenchmarkError, Manifest, read_manifest
 from moebius_jax.eval.fid import InceptionStats, frechet_distance, inception_features, load_fid_inception
 from moebius_jax.eval.lpips import LPIPS, NETS, load_lpips
 from moebius_jax.eval.weights import BACKBONE_URLS, FID_INCEPTION_URL
+from moebius_jax.io_safety import atomic_output, prepare_output_dir
 from moebius_jax.pipeline.image_io import load_image
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ PIXEL_CONVENTION = ("PSNR and SSIM as scikit-image computes them on uint8 RGB, m
                     "uniform window (skimage defaults), SSIM (Gaussian): 11x11 sigma 1.5 (Wang et al., MAT's script)")
 
 Pairs = Sequence[tuple[pathlib.Path, pathlib.Path]]  # (prediction, ground truth)
+METRICS_JSON, METRICS_MD = "metrics.json", "metrics.md"  # what write_results writes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -227,9 +230,9 @@ def write_results(out: pathlib.Path, record: dict[str, Any]) -> str:
     """Write OUT/metrics.json and OUT/metrics.md atomically; returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(record)
-    with atomic_output(out / "metrics.json") as tmp:
+    with atomic_output(out / METRICS_JSON) as tmp:
         tmp.write_text(json.dumps(record, indent=1) + "\n")
-    with atomic_output(out / "metrics.md") as tmp:
+    with atomic_output(out / METRICS_MD) as tmp:
         tmp.write_text(table)
     return table
 
@@ -262,34 +265,36 @@ def add_metric_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--fid-weights", default=None, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     m.add_argument("--lpips-backbone", default=None, help="torchvision ImageNet weights of --lpips-net")
     m.add_argument("--lpips-net", choices=NETS, default="alex")
-    m.add_argument("--metric-batch-size", type=positive_int, default=16,
+    m.add_argument("--metric-batch-size", type=cli.positive_int, default=16,
                    help="images per network call; float32 LPIPS/FID move in the last digits with it, "
                         "so keep it fixed between runs you compare")
-    m.add_argument("--workers", type=positive_int, default=None, help="host threads for reading images and PSNR/SSIM")
+    m.add_argument("--workers", type=cli.positive_int, default=None,
+                   help="host threads for reading images and PSNR/SSIM")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--pred", required=True, help="folder of inpainted images, named by ground-truth stem")
     p.add_argument("--gt", required=True, help="benchmark folder, or a folder of ground-truth images")
     p.add_argument("--out", default=None, help="write metrics.json and metrics.md here")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier metrics.json in --out")
     p.add_argument("--name", default=None, help="method name for the table (default: the --pred folder name)")
     add_metric_args(p)
     return p.parse_args(argv)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     pred_dir, gt_dir = pathlib.Path(args.pred), pathlib.Path(args.gt)
-    try:
-        manifest, gt_files = ground_truth(gt_dir)
-        pairs = match_predictions(pred_dir, gt_files)
-        nets = load_metric_nets(args.fid_weights, args.lpips_backbone, args.lpips_net)
-        scores = score_pairs(pairs, nets, args.metric_batch_size, args.workers)
-    except (ValueError, OSError) as err:  # BenchmarkError, bad weight files (CheckpointError), unreadable images
-        log.error("%s", err)
-        return 1
+    if args.out:  # checked now: the results are written only after the whole scoring
+        prepare_output_dir(args.out, "--out", marker=METRICS_JSON, writes=[METRICS_MD], inputs=[pred_dir, gt_dir],
+                           overwrite=args.overwrite)
+    manifest, gt_files = ground_truth(gt_dir)
+    pairs = match_predictions(pred_dir, gt_files)
+    nets = load_metric_nets(args.fid_weights, args.lpips_backbone, args.lpips_net)
+    scores = score_pairs(pairs, nets, args.metric_batch_size, args.workers)
     info = folder_info(gt_dir, read_rgb(pairs[0][1]).shape) if manifest is None else manifest_info(manifest)
     record = result_record(args.name or pred_dir.resolve().name, info, scores, nets)
     table = write_results(pathlib.Path(args.out), record) if args.out else markdown_table(record)

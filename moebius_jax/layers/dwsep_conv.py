@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from moebius_jax.layers.batch_norm import BatchNorm
+from moebius_jax.layers.depthwise import DepthwiseConv
 from moebius_jax.layers.linear import conv2d
 from moebius_jax.layers.residual import add_residual
 
@@ -25,8 +26,7 @@ class DepthwiseSeparableConv(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         in_features = x.shape[-1]
-        h = conv2d(in_features, self.kernel_size, groups=in_features, use_bias=False,
-                   dtype=self.dtype, name="conv_dw")(x)
+        h = DepthwiseConv(self.kernel_size, use_bias=False, dtype=self.dtype, name="conv_dw")(x)
         h = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(h, train))
         h = conv2d(self.features, 1, use_bias=False, dtype=self.dtype, name="conv_pw")(h)
         h = BatchNorm(dtype=self.dtype, name="bn2")(h, train)

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from moebius_jax.layers.depthwise import DepthwiseConv
 from moebius_jax.layers.linear import conv2d
 
 
@@ -20,7 +21,7 @@ class MixFFN(nn.Module):
         b, n, c = x.shape
         h = x.reshape(b, *hw, c)
         h = nn.silu(conv2d(2 * self.hidden, 1, dtype=self.dtype, name="inverted_conv")(h))
-        h = conv2d(2 * self.hidden, 3, groups=2 * self.hidden, dtype=self.dtype, name="depth_conv")(h)
+        h = DepthwiseConv(3, dtype=self.dtype, name="depth_conv")(h)
         value, gate = jnp.split(h, 2, axis=-1)
         h = conv2d(c, 1, use_bias=False, dtype=self.dtype, name="point_conv")(value * nn.silu(gate))
         return h.reshape(b, n, c)

@@ -43,7 +43,7 @@ class ResnetBlock(nn.Module):
         h = spatial_conv(self.conv_kind, self.features, h, train, dtype=self.dtype, name="conv1")
         if temb is not None:
             t = dense(self.features, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
-            h = h + t[:, None, None, :]
+            h = h + t[:, None, None, :].astype(h.dtype)
         h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm2")(h))
         h = spatial_conv(self.conv_kind, self.features, h, train, dtype=self.dtype, name="conv2")
         if x.shape[-1] != self.features:

@@ -112,6 +112,16 @@ class DistanceTerms(NamedTuple):
         return out + self.l1 if add_l1 else out
 
 
+def l1_distance(x0: jax.Array, x1: jax.Array) -> jax.Array:
+    """Mean |x0 - x1| per sample (B,), with torch's gradient: 0 where the two are equal.
+
+    `jnp.abs` has gradient +1 at 0; `d * sign(d)` is the same value with gradient sign(d), which
+    is 0 at d = 0. It matters in training, where predicted and target latents can coincide.
+    """
+    d = x0 - x1
+    return jnp.mean(d * jnp.sign(d), axis=(1, 2, 3))
+
+
 def _prepare(x: jax.Array, normalize: bool) -> jax.Array:
     x = jnp.asarray(x, jnp.float32)
     return x * SDXL_LATENT_SCALE if normalize else x
@@ -137,7 +147,7 @@ def elatentlpips_terms(
     The L1 term is taken on the scaled inputs before the augmentation, as in the reference.
     """
     x0, x1 = _prepare(x0, normalize), _prepare(x1, normalize)
-    l1 = jnp.mean(jnp.abs(x0 - x1), axis=(1, 2, 3))
+    l1 = l1_distance(x0, x1)
     if ensembling:
         if aug_params is None:
             if key is None:

@@ -37,7 +37,7 @@ class _LevelBlock(nn.Module):
 
     config: UNetConfig
     level: LevelConfig
-    table_side: int
+    native_side: int  # the level's latent side at the trained resolution
     dtype: Any = None
     remat: bool = False
 
@@ -47,15 +47,11 @@ class _LevelBlock(nn.Module):
         return cls(self.level.channels, cfg.conv_kind, cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name=name)
 
     def pair(self, j: int, h: jnp.ndarray, temb: jnp.ndarray, context: jnp.ndarray, train: bool) -> jnp.ndarray:
-        cfg = self.config
         h = self.resnet(f"resnets_{j}")(h, temb, train)
         if self.level.attention:
             transformer = nn.remat(Transformer2D, static_argnums=(3,)) if self.remat else Transformer2D
-            h = transformer(
-                self.level, cfg.num_heads, self.table_side, cfg.context_length, cfg.mix_mlp_ratio,
-                cfg.norm_num_groups, cfg.transformer_norm_eps, cfg.lambda_kernel_size,
-                dtype=self.dtype, name=f"attentions_{j}",
-            )(h, context, train)
+            h = transformer(self.config, self.level, self.native_side, dtype=self.dtype, name=f"attentions_{j}")(
+                h, context, train)
         return h
 
 

@@ -6,8 +6,9 @@ from diffusers' config.json. Submodule names mirror the diffusers state-dict nam
 (`encoder/down_blocks_0/resnets_1`, `decoder/mid_block/attentions_0/to_q`, ...) so that the
 key map (`moebius_jax.convert.vae_keys`) is a table.
 
-Images are NHWC in [-1, 1]; latents are NHWC and *unscaled* (multiply by `scaling_factor`
-after encoding and divide before decoding, as diffusers' pipelines do).
+Images are NHWC in [-1, 1]. `encode` / `decode` work on the raw latent space;
+`encode_latents` / `decode_latents` on the diffusion model's (shifted and scaled) latents, which
+is what training and sampling use.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ class VaeConfig:
     def downsample_factor(self) -> int:
         """Image side / latent side (8 for the four-level SD VAE)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """(B, H/f, W/f, latent_channels) of an image batch of shape (B, H, W, C)."""
+        b, height, width = image_shape[:3]
+        f = self.downsample_factor
+        return b, height // f, width // f, self.latent_channels
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> VaeConfig:
@@ -241,8 +248,9 @@ class AutoencoderKL(nn.Module):
     """diffusers' AutoencoderKL; f = `config.downsample_factor` (8). Methods (use with
     `apply(..., method=...)`):
 
-    `encode(images) -> (mean, logvar)`, `decode(latents) -> images`, `moments(images)` (the
-    raw quant_conv output), `encode_tiled` / `decode_tiled` for large inputs, and `__call__`
+    `encode_latents(images, noise)` / `decode_latents(latents)` (the diffusion model's latents),
+    `encode(images) -> (mean, logvar)`, `decode(latents) -> images` (raw latents), `moments(images)`
+    (the quant_conv output), `encode_tiled` / `decode_tiled` for large inputs, and `__call__`
     (encode, take the mode or a sample, decode) which also initialises every parameter.
     """
 
@@ -279,6 +287,16 @@ class AutoencoderKL(nn.Module):
         """Unscaled latents (B, h, w, latent) -> images (B, f*h, f*w, out), nominally in [-1, 1]."""
         z = self.post_quant_conv(latents) if self.config.use_post_quant_conv else latents
         return self.decoder(z)
+
+    def encode_latents(self, images: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
+        """Images in [-1, 1] -> the diffusion model's latents: the posterior sampled with `noise`
+        (standard normal, `config.latent_shape(images.shape)`; NaNs zeroed), shifted and scaled."""
+        z = DiagonalGaussian(*self.encode(images)).reparameterize(noise)
+        return (z - (self.shift_factor or 0.0)) * self.scaling_factor
+
+    def decode_latents(self, latents: jnp.ndarray) -> jnp.ndarray:
+        """The diffusion model's latents -> images (nominally in [-1, 1]): unscale, unshift, decode."""
+        return self.decode(latents / self.scaling_factor + (self.shift_factor or 0.0))
 
     def __call__(self, images: jnp.ndarray, sample_key: jax.Array | None = None) -> jnp.ndarray:
         """Reconstruction: decode the posterior's mode, or a sample when `sample_key` is given."""

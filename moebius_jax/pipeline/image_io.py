@@ -39,6 +39,8 @@ import struct
 import numpy as np
 from PIL import Image, ImageOps
 
+from moebius_jax.errors import UserError
+
 ImageSource = str | os.PathLike[str] | Image.Image | np.ndarray
 
 # Float data is [0, 1]; beyond these bounds it is taken for 0-255 data passed by mistake.
@@ -49,7 +51,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error,
                   Image.DecompressionBombError)
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError):
     """An image or mask cannot be read or converted; the message names the source and why."""
 
     def __init__(self, source: str, reason: str):

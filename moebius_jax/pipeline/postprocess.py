@@ -9,11 +9,10 @@ changes. Arrays are HWC uint8 unless said otherwise.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 from PIL import Image, ImageFilter
-
-from moebius_jax.pipeline.image_io import ImageSource, load_image, load_mask
-from moebius_jax.pipeline.preprocess import binarize_mask
 
 PASTE_BLUR_RADIUS = 3.0
 COMPENSATE_FACTOR = 1.1
@@ -22,14 +21,14 @@ COMPENSATE_RING_OFFSET = 10
 _COMPENSATE_THRESHOLD = 128
 
 
-def to_uint8(decoded_01: np.ndarray) -> np.ndarray:
+def to_uint8(decoded_01, xp: ModuleType = np):
     """Clamp to [0, 1], scale by 255 in float32 and truncate, as the reference does; any shape.
 
     float32 as in the reference (a float64 product can land on the other side of an integer);
-    NaN becomes 0.
+    NaN becomes 0. `xp` is numpy or jax.numpy (the exported program ends with it).
     """
-    x = np.nan_to_num(np.asarray(decoded_01, dtype=np.float32), nan=0.0)
-    return (np.clip(x, 0.0, 1.0) * np.float32(255)).astype(np.uint8)
+    x = xp.nan_to_num(xp.asarray(decoded_01, dtype=xp.float32), nan=0.0)
+    return (xp.clip(x, 0.0, 1.0) * xp.float32(255)).astype(xp.uint8)
 
 
 def blurred_mask(mask_u8: np.ndarray, radius: float = PASTE_BLUR_RADIUS) -> np.ndarray:
@@ -83,14 +82,15 @@ def paste_compensate(
 
 def paste_back_to_original(
     result_u8: np.ndarray,
-    original_image: ImageSource,
-    original_mask: ImageSource,
+    original_image: np.ndarray | Image.Image,
+    hole: np.ndarray | Image.Image,
     radius: float = PASTE_BLUR_RADIUS,
     compensate: bool = False,
     fac: float = COMPENSATE_FACTOR,
 ) -> np.ndarray:
     """Our default output: the result upsampled (LANCZOS) to the input's size and pasted into
-    the untouched input with the binarised input mask, blurred at that size.
+    the untouched input (RGB uint8) with the binary hole mask (uint8 0 / 255 as `load_pair`
+    gives, or bool), blurred at that size.
 
     ``radius`` (and the compensation ring offset) are given at the model's resolution, like the
     reference's 3 px, and scaled by the resize factor (the larger of the two axes'), so the
@@ -99,17 +99,16 @@ def paste_back_to_original(
     than the blur's reach from the mask — are byte-identical to the input; with an input that
     needed no resize this equals :func:`paste` / :func:`paste_compensate` on the binarised mask.
     """
-    original = load_image(original_image)
-    mask = load_mask(original_mask)
-    if mask.size != original.size:
-        raise ValueError(f"mask size {mask.size} differs from image size {original.size} (w, h)")
-    _check_rgb_u8(result_u8)
+    original_u8, hole_u8 = np.asarray(original_image), np.asarray(hole)
+    if hole_u8.dtype == bool:
+        hole_u8 = hole_u8.astype(np.uint8) * np.uint8(255)
+    _check_rgb_u8(result_u8, original_u8)
+    if hole_u8.shape != original_u8.shape[:2]:
+        raise ValueError(f"mask size {hole_u8.shape[::-1]} differs from image size {original_u8.shape[1::-1]} (w, h)")
     result = np.asarray(result_u8)
-    scale = max(original.width / result.shape[1], original.height / result.shape[0])
-    upsampled = np.asarray(
-        Image.fromarray(result).resize(original.size, Image.Resampling.LANCZOS))
-    original_u8 = np.asarray(original)
-    hole_u8 = np.asarray(binarize_mask(mask))
+    height, width = original_u8.shape[:2]
+    scale = max(width / result.shape[1], height / result.shape[0])
+    upsampled = np.asarray(Image.fromarray(result).resize((width, height), Image.Resampling.LANCZOS))
     weights = blurred_mask(hole_u8, radius * scale)
     if not compensate:
         return _blend(upsampled / 255.0, original_u8, weights)

@@ -1,25 +1,35 @@
 """Per-image pre-processing of the reference pipeline, NHWC.
 
-Host-side numpy/Pillow work, reproduced bit for bit: binarise the mask, resize image and mask
-with LANCZOS so the short side is ``resolution`` and both sides are multiples of 64, then build
-the float tensors the VAE and the UNet take. Sizes are PIL-style ``(width, height)``.
+Host-side numpy/Pillow work, reproduced bit for bit. :func:`load_pair` reads an image and its
+mask once (any source), binarises the mask once and optionally dilates it; :func:`prepare`
+resizes both with LANCZOS so the short side is ``resolution`` and both sides are multiples of
+64, then :func:`model_arrays` builds the float tensors the VAE and the UNet take (also inside
+the exported program, hence its array-namespace argument). Sizes are PIL-style ``(width, height)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
 
+from moebius_jax import latents
+from moebius_jax.data.transforms import dilate
 from moebius_jax.pipeline.image_io import ImageSource, load_image, load_mask
 
 # The UNet downsamples by 64 in total; the VAE alone by 8.
 SIZE_MULTIPLE = 64
 LATENT_DOWNSAMPLE = 8
+MIN_SIDE = 64  # one latent cell of the lowest UNet level; smaller inputs carry too little to inpaint
 # The reference's point LUT: v < 127.5 → 0, else 255 (so 128 and above become 255).
 _BINARY_LUT = [0 if v < 127.5 else 255 for v in range(256)]
+# uint8 -> [-1, 1] as the reference computes it: in float64, then cast to float32. As a table,
+# the same values come out of numpy and of a traced JAX program (which has no float64).
+_PIXEL_TO_UNIT = (np.arange(256) / 255.0 * 2 - 1).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +57,47 @@ def binarize_mask(mask: Image.Image) -> Image.Image:
     return mask.point(_BINARY_LUT)
 
 
+def hole_mask(mask: Image.Image, mask_dilate: int = 0) -> Image.Image:
+    """The binarised L mask, dilated by a `mask_dilate` × `mask_dilate` square when > 0.
+
+    The reference's `mask_dilate_kernel_size`: OpenCV's dilation by a square of ones, once, so
+    the hole grows by `mask_dilate // 2` px on every side (for an even size, one pixel less
+    towards the top and left).
+    """
+    if mask_dilate < 0:
+        raise ValueError(f"mask_dilate must be >= 0 (0 = off), got {mask_dilate}")
+    hole = binarize_mask(mask)
+    if mask_dilate:
+        hole = Image.fromarray(dilate(np.asarray(hole), mask_dilate, 1))
+    return hole
+
+
+def source_name(src: ImageSource) -> str:
+    """How an image source is named in messages: its path, or its type."""
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>"
+
+
+def load_pair(image_src: ImageSource, mask_src: ImageSource, *, resize_mask: bool = False,
+              mask_dilate: int = 0) -> tuple[Image.Image, Image.Image]:
+    """(RGB image, binary L hole mask) from any sources: each loaded once, the mask binarised
+    once (and dilated, see :func:`hole_mask`). Everything downstream takes these two.
+
+    Raises ValueError naming the file for an image under `MIN_SIDE` px or a mask of another
+    size (unless `resize_mask`: nearest-neighbour resized to the image).
+    """
+    image, mask = load_image(image_src), load_mask(mask_src)
+    if min(image.size) < MIN_SIDE:
+        raise ValueError(f"image {source_name(image_src)} is {image.size[0]}x{image.size[1]}; "
+                         f"both sides must be at least {MIN_SIDE} px")
+    if mask.size != image.size:
+        if not resize_mask:
+            raise ValueError(
+                f"image {source_name(image_src)} is {image.size[0]}x{image.size[1]} but its mask "
+                f"{source_name(mask_src)} is {mask.size[0]}x{mask.size[1]}; pass resize_mask=True to resize it")
+        mask = mask.resize(image.size, Image.Resampling.NEAREST)
+    return image, hole_mask(mask, mask_dilate)
+
+
 def target_size(width: int, height: int, resolution: int = 512) -> tuple[int, int]:
     """(w_t, h_t): short side scaled to ``resolution`` (int() truncation), each floored to 64.
 
@@ -64,31 +115,36 @@ def target_size(width: int, height: int, resolution: int = 512) -> tuple[int, in
     return w_t, h_t
 
 
-def prepare(image: ImageSource, mask: ImageSource, resolution: int = 512) -> Prepared:
-    """Binarise, resize and convert one image/mask pair exactly as the reference's _preprocess."""
-    image = load_image(image)
-    mask = load_mask(mask)
-    if image.size != mask.size:
-        raise ValueError(f"mask size {mask.size} differs from image size {image.size} (w, h)")
+def prepare(image: Image.Image, hole: Image.Image, resolution: int = 512) -> Prepared:
+    """Resize and convert one pair from :func:`load_pair` exactly as the reference's _preprocess."""
+    if image.size != hole.size:
+        raise ValueError(f"mask size {hole.size} differs from image size {image.size} (w, h)")
     size = target_size(*image.size, resolution)
     # PIL returns a copy when the size is unchanged, so this is a no-op for such inputs.
     resized_image = np.asarray(image.resize(size, Image.Resampling.LANCZOS))
-    resized_mask = np.asarray(binarize_mask(mask).resize(size, Image.Resampling.LANCZOS))
-
-    # The reference divides in float64 and casts to float32 afterwards; the order matters for
-    # the last bit.
-    image_f = (resized_image / 255.0 * 2 - 1).astype(np.float32)
-    mask_bin = ((resized_mask / 255.0).astype(np.float32) >= 0.5).astype(np.uint8)[..., None]
-    # A product, not a select: negative pixels become -0.0 exactly as in the reference.
-    masked_image = image_f * (1 - mask_bin)
-    # PyTorch's legacy "nearest" picks the top-left pixel of each 8×8 cell.
-    latent_mask = mask_bin[::LATENT_DOWNSAMPLE, ::LATENT_DOWNSAMPLE].astype(np.float32)
-
+    resized_mask = np.asarray(hole.resize(size, Image.Resampling.LANCZOS))
+    image_f, mask_bin, masked_image, latent_mask = model_arrays(resized_image, resized_mask)
     arrays = dict(resized_image=resized_image, resized_mask=resized_mask, image=image_f,
                   mask=mask_bin, masked_image=masked_image, latent_mask=latent_mask)
     for array in arrays.values():
         array.flags.writeable = False
     return Prepared(**arrays, original_size=image.size, resized_size=size)
+
+
+def model_arrays(image_u8, mask_u8, xp: ModuleType = np) -> tuple:
+    """(image, mask, masked_image, latent_mask) from uint8 (..., H, W, 3) pixels and (..., H, W)
+    mask levels, as the reference computes them; `xp` is numpy or jax.numpy.
+
+    image float32 in [-1, 1]; mask uint8 {0, 1} (..., H, W, 1); masked_image float32;
+    latent_mask float32 {0, 1} (..., H/8, W/8, 1).
+    """
+    image = xp.asarray(_PIXEL_TO_UNIT)[image_u8]
+    # The reference's `mask / 255 >= 0.5` (float64 division) holds exactly for levels >= 128.
+    mask = (mask_u8 >= 128).astype(xp.uint8)[..., None]
+    # A product, not a select: negative pixels become -0.0 exactly as in the reference.
+    masked_image = image * (1 - mask)
+    latent_mask = latents.latent_mask(mask, LATENT_DOWNSAMPLE).astype(xp.float32)
+    return image, mask, masked_image, latent_mask
 
 
 def batch_prepared(items: Sequence[Prepared]) -> dict[str, np.ndarray]:

@@ -44,9 +44,6 @@ class Checkpoints:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -3,11 +3,19 @@
 Defaults are the reference's demo recipe (config/train_demo.sh): Muon at 1e-4, batch 2 per
 process, logit-normal timesteps, noise offset 0.0357, bf16, task weight 0.5 and, with a
 teacher, KD weight 0.01 and feature weight 1.0 on student block 2 / teacher block 5.
+
+Overrides are `dotted.key=value` (the value parsed as YAML). Integer components index lists
+(`model.levels.1.self_mixer=attention`). `model` is a model YAML's path or its content;
+a `model.*` override reads the file into the config first, and addresses its `data` / `vae`
+/ `model` sections, or, for any other key, the `model:` section
+(`model.layers_per_block=3` is `model.model.layers_per_block=3`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import pathlib
 import types
 import typing
@@ -16,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from moebius_jax.config import load_config, read_config_file
+from moebius_jax.errors import ConfigError, read_yaml
 from moebius_jax.train.optimizer import OptimizerConfig
 
 
@@ -67,11 +77,14 @@ class MeshConfig:
     data: int = -1  # -1: all devices not used by fsdp
     fsdp: int = 1
     num_devices: int = -1  # -1: every device; else the first N (e.g. 1 to compare against a mesh)
+    # [regex, spec] pairs deciding each array's sharding, first match wins (moebius_jax.train.mesh):
+    # spec "fsdp" (largest divisible dimension), "replicate", or a PartitionSpec-like list of axes.
+    rules: Sequence[Sequence[Any]] = ((".*", "fsdp"),)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: str = "configs/moebius.yaml"
+    model: str | dict[str, Any] = "configs/moebius.yaml"  # a model YAML, or its content (data/vae/model)
     init_weights: str | None = None  # None: the reference's random initialisation
     vae: str = "weight/vae"
     teacher: TeacherConfig = TeacherConfig()
@@ -110,7 +123,18 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             if type(None) in typing.get_args(hint):
                 return None
             raise ValueError(f"{where}: may not be null")
-        return _coerce(value, options[0], where)
+        errors = []
+        for option in options:  # the first type that takes the value
+            try:
+                return _coerce(value, option, where)
+            except ValueError as e:
+                errors.append(str(e))
+        names = " or ".join(getattr(typing.get_origin(o) or o, "__name__", str(o)) for o in options)
+        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: expected {names}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return copy.deepcopy(dict(value))
     if origin is typing.Literal:
         if value not in typing.get_args(hint):
             raise ValueError(f"{where}: {value!r} not in {typing.get_args(hint)}")
@@ -149,35 +173,87 @@ def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()})
 
 
+Key = str | int  # a mapping key, or a list index
+
+
+def parse_override(item: str) -> tuple[tuple[Key, ...], Any]:
+    """"a.b.0.c=value" -> (("a", "b", 0, "c"), value parsed as YAML); digit components are ints."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not key=value")
+    key, text = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {item!r}: empty key component")
+    path = tuple(int(part) if part.isdigit() else part for part in key.split("."))
+    try:
+        return path, yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or err
+        raise ValueError(f"override {item!r}: not a valid YAML value ({problem})") from None
+
+
+def set_path(raw: dict[str, Any], path: Sequence[Key], value: Any, key: str | None = None) -> None:
+    """Set raw[path[0]][path[1]]... = value, creating missing mappings; ints index lists.
+    Errors name `key` (default: the dotted path)."""
+    key = key or ".".join(map(str, path))
+    node: Any = raw
+    for depth, part in enumerate(path):
+        if isinstance(node, list):
+            if not isinstance(part, int) or not 0 <= part < len(node):
+                raise ValueError(f"override {key}: {part!r} is not an index of a list of {len(node)}")
+        elif not isinstance(node, dict):
+            raise ValueError(f"override {key}: {path[depth - 1]!r} holds {node!r}, not a section")
+        elif depth < len(path) - 1 and part not in node:
+            node[part] = {}
+        if depth == len(path) - 1:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+# The sections of a model YAML; any other key under `model.` addresses its `model:` section.
+_MODEL_SECTIONS = ("data", "vae", "model")
+
+
+def read_model(model: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """The content of a TrainConfig's `model` (read from the file when it is a path)."""
+    return copy.deepcopy(dict(model)) if isinstance(model, Mapping) else read_config_file(model)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """`a.b=value` pairs (value parsed as YAML) into a nested dict of settings."""
+    """`key=value` overrides applied in order to a train config's settings (see the module doc)."""
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, text = item.split("=", 1)
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+        path, value = parse_override(item)
+        if path[0] == "model" and len(path) > 1:
+            raw["model"] = read_model(raw.get("model", TrainConfig.model))
+            if path[1] not in _MODEL_SECTIONS:
+                path = ("model", "model", *path[1:])
+        set_path(raw, path, value, key=item.split("=", 1)[0])
     return raw
 
 
 def load_train_config(path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """YAML file (optional) + overrides -> TrainConfig; errors name the offending key."""
+    """YAML file (optional) + overrides -> TrainConfig, its model validated; errors name the key."""
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a YAML mapping")
-    raw = apply_overrides(raw, overrides)
+            raise ConfigError(f"{path}: expected a YAML mapping")
+    where = path or "train config"
     try:
-        return _build(TrainConfig, raw, "")
+        config = _build(TrainConfig, apply_overrides(raw, overrides), "")
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path or 'train config'}: {e}") from e
+        raise ConfigError(f"{where}: {e}") from e
+    try:
+        load_config(config.model)  # refuses an impossible variant before anything is built
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{where}: model: {e}") from e
+    return config
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The config as plain data, the model's content included, so that it alone reproduces a run."""
+    return {**dataclasses.asdict(config), "model": read_model(config.model)}

@@ -1,8 +1,10 @@
 """The training loop: build everything from a TrainConfig, then step, log, sample and save.
 
+Building: the mesh, the networks and the jitted step with its shardings (`train.program`,
+no weights needed), then the state and frozen weights materialised in those shardings.
 One batch's path: grain loader (host, per-process shard) -> global jax.Array sharded over
-the mesh's (data, fsdp) axes -> `make_train_step` (VAE encode, noise, teacher, student,
-losses, Muon, EMA) compiled ahead of time with donated state -> metrics.jsonl / TensorBoard.
+the mesh's (data, fsdp) axes -> the train step (VAE encode, noise, teacher, student, losses,
+Muon, EMA) compiled ahead of time with donated state -> metrics.jsonl / TensorBoard.
 """
 
 from __future__ import annotations
@@ -12,29 +14,31 @@ import logging
 import pathlib
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from tqdm import tqdm
 
 from moebius_jax.data.loader import make_train_iterator
-from moebius_jax.data.sources import folder_source, jsonl_source, tfds_source
-from moebius_jax.loading import load_model, load_teacher
+from moebius_jax.data.masks import load_mask_config
+from moebius_jax.data.sources import Item, check_images, folder_source, jsonl_source, tfds_source
+from moebius_jax.data.transforms import check_extra_fg_masks
+from moebius_jax.errors import ConfigError
+from moebius_jax.latents import latent_mask
 from moebius_jax.pipeline.sampler import Sampler, SamplerNoise, SamplerSettings
 from moebius_jax.train.checkpointing import Checkpoints, abstract_like
-from moebius_jax.train.config import TrainConfig, config_to_dict
-from moebius_jax.train.mesh import batch_sharding, make_mesh, replicated, state_shardings
+from moebius_jax.train.config import DataConfig, TrainConfig, config_to_dict
+from moebius_jax.train.mesh import batch_sharding, mesh_from_config
 from moebius_jax.train.metrics_log import MetricsWriter, save_sample_grid
-from moebius_jax.train.optimizer import make_optimizer, make_schedule
+from moebius_jax.train.optimizer import make_schedule
+from moebius_jax.train.program import Networks, init_state, load_frozen, make_train_program
 from moebius_jax.train.state import TrainState
-from moebius_jax.train.step import Frozen, make_train_step
-from moebius_jax.vae_loading import load_vae
+from moebius_jax.train.step import Frozen
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass
@@ -49,40 +53,24 @@ class Trainer:
     step_fn: Any  # the compiled step
     sampler: Sampler
     compile_seconds: float
+    source: Any  # the checked data source (moebius_jax.data.sources)
 
     @classmethod
-    def build(cls, config: TrainConfig, workdir: str | pathlib.Path) -> Trainer:
-        workdir = pathlib.Path(workdir)
-        dtype = DTYPES[config.dtype]
-        devices = jax.devices() if config.mesh.num_devices < 0 else jax.devices()[:config.mesh.num_devices]
-        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices)
-        student, variables = load_model(config.model, config.init_weights, dtype=dtype, seed=config.seed,
-                                        remat=config.remat)
-        vae, vae_variables = load_vae(config.vae, dtype=dtype)
-        teacher = teacher_variables = None
-        if config.teacher.config is not None:
-            teacher, teacher_variables = load_teacher(config.teacher.config, config.teacher.weights,
-                                                      dtype=DTYPES[config.teacher.dtype])
-        extra_loss, extra_variables = _extra_loss(config)
-        tx = make_optimizer(config.optimizer, variables["params"])
-        step = make_train_step(student, vae, tx, config, teacher, extra_loss)
-
-        state = TrainState.create(variables, tx, jax.random.key(config.seed), config.ema_decay)
-        state_sharding = state_shardings(abstract_like(state), mesh)
-        state = jax.device_put(state, state_sharding)
-        frozen = jax.device_put(Frozen(vae_variables, teacher_variables, extra_variables), replicated(mesh))
-        batch_spec = _batch_spec(config)
-        batch_shardings = {k: batch_sharding(mesh) for k in batch_spec}
+    def build(cls, config: TrainConfig, workdir: str | pathlib.Path, devices: list | None = None) -> Trainer:
+        """Data source (checked), mesh (over `devices`, default all), networks, sharded state and
+        frozen weights, compiled step."""
+        source = open_data_source(config.data)  # bad data fails here, before the minutes of compiling
+        mesh = mesh_from_config(config.mesh, devices)
+        networks = Networks.from_config(config)
+        program = make_train_program(config, networks, mesh)
+        state = init_state(config, networks, program)
+        frozen = load_frozen(config, networks, program)
         start = time.perf_counter()
-        compiled = jax.jit(
-            step,
-            in_shardings=(state_sharding, replicated(mesh), batch_shardings),
-            out_shardings=(state_sharding, replicated(mesh)),
-            donate_argnums=(0,),
-        ).lower(abstract_like(state), frozen, batch_spec).compile()
+        compiled = program.lower().compile()
         compile_seconds = time.perf_counter() - start
         log.info("train step compiled in %.1f s", compile_seconds)
-        return cls(config, workdir, mesh, state, frozen, compiled, Sampler(student, vae), compile_seconds)
+        sampler = Sampler(networks.student, networks.vae, mesh)
+        return cls(config, pathlib.Path(workdir), mesh, state, frozen, compiled, sampler, compile_seconds, source)
 
     def run(self, resume: bool = False, max_steps: int | None = None) -> TrainState:
         cfg = self.config
@@ -93,8 +81,7 @@ class Trainer:
         existing = checkpoints.latest_step()
         if not resume and existing is not None:
             checkpoints.close()
-            raise FileExistsError(f"{self.workdir} already holds checkpoints (latest step {existing}): "
-                                  "pass --resume to continue it, or use a new workdir")
+            raise restart_refusal(self.workdir, existing)
         if lead:
             (self.workdir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         writer = MetricsWriter(self.workdir, enabled=lead)
@@ -149,18 +136,8 @@ class Trainer:
 
     def _data_iterator(self):
         cfg = self.config.data
-        if sum(x is not None for x in (cfg.jsonl, cfg.folder, cfg.tfds_name)) != 1:
-            raise ValueError("set exactly one of data.jsonl, data.folder, data.tfds_name")
-        if cfg.jsonl is not None:
-            source = jsonl_source(cfg.jsonl)
-        elif cfg.folder is not None:
-            source = folder_source(cfg.folder, cfg.mask_folder)
-        else:
-            source = tfds_source(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
-        if cfg.batch_size % jax.process_count():
-            raise ValueError(f"batch size {cfg.batch_size} is not divisible by {jax.process_count()} processes")
         return make_train_iterator(
-            source, batch_size=cfg.batch_size // jax.process_count(), image_size=cfg.image_size,
+            self.source, batch_size=cfg.batch_size // jax.process_count(), image_size=cfg.image_size,
             mask_config=cfg.mask_config, seed=self.config.seed, num_workers=cfg.num_workers,
             use_extra_fg_mask=cfg.use_extra_fg_mask)
 
@@ -173,8 +150,7 @@ class Trainer:
         """Inpaint the first training batch with the current (EMA if any) weights: a PNG grid."""
         images = batch["image"][:4]
         masked = batch["masked_image"][:4]
-        factor = self.sampler.vae.config.downsample_factor
-        mask = batch["mask"][:4, ::factor, ::factor, :]
+        mask = latent_mask(batch["mask"][:4], self.sampler.vae.config.downsample_factor)
         noise = SamplerNoise.draw(jax.random.key(0), len(images), mask.shape[1:3])
         variables = self.state.variables(use_ema=self.state.ema is not None)
         out = self.sampler(variables, self.frozen.vae, images, masked, mask, noise,
@@ -184,26 +160,27 @@ class Trainer:
                              (masked + 1) / 2, np.asarray(out.decoded), (images + 1) / 2)
 
 
-def _batch_spec(config: TrainConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    b, s = config.data.batch_size, config.data.image_size
-    return {
-        "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
-        "masked_image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
-        "mask": jax.ShapeDtypeStruct((b, s, s, 1), jnp.float32),
-        "input_ids": jax.ShapeDtypeStruct((b, 10), jnp.int32),
-    }
+def restart_refusal(workdir: pathlib.Path, latest_step: int) -> FileExistsError:
+    """The error for starting afresh in a workdir that holds checkpoints (it would train over them)."""
+    return FileExistsError(f"{workdir} already holds checkpoints (latest step {latest_step}): "
+                           "pass --resume to continue it, or use a new workdir")
 
 
-def _extra_loss(config: TrainConfig):
-    """The E-LatentLPIPS term, if its weight is non-zero: (loss function, its network)."""
-    el = config.loss.elatentlpips
-    if el.weight == 0:
-        return None, None
-    from moebius_jax.losses import elatentlpips_distance, load_elatentlpips
-
-    metric = load_elatentlpips(el.trunk, el.heads)
-
-    def loss(metric, x0_pred, x0_target, key):
-        return jnp.mean(elatentlpips_distance(metric, x0_pred, x0_target, key=key, normalize=el.double_scaling))
-
-    return loss, metric
+def open_data_source(cfg: DataConfig) -> Sequence[Item]:
+    """The configured data source with every file's header read and the data settings checked,
+    so that data errors surface before any model loads or the train step compiles."""
+    if sum(x is not None for x in (cfg.jsonl, cfg.folder, cfg.tfds_name)) != 1:
+        raise ConfigError("set exactly one of data.jsonl, data.folder, data.tfds_name")
+    if cfg.batch_size < 1 or cfg.batch_size % jax.process_count():
+        raise ConfigError(f"data.batch_size {cfg.batch_size}: must be a positive multiple of the "
+                          f"{jax.process_count()} process(es)")
+    if cfg.jsonl is not None:
+        source = jsonl_source(cfg.jsonl)
+    elif cfg.folder is not None:
+        source = folder_source(cfg.folder, cfg.mask_folder)
+    else:
+        source = tfds_source(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir)
+    check_extra_fg_masks(source, cfg.use_extra_fg_mask)
+    load_mask_config(cfg.mask_config)
+    check_images(source)
+    return source

@@ -1,9 +1,17 @@
 """Muon exactly as the reference trains with it (the moonlight variant).
 
-Matrix-shaped parameters of the network body are updated with Nesterov momentum
-orthogonalised by five bfloat16 Newton–Schulz steps; everything else (biases, norm affines,
-the input-id embedding, `conv_in` / `conv_out`) by the reference's own AdamW. Both branches
-decay every parameter by `lr·wd` with the unadjusted lr.
+Which optimiser a parameter gets is read from the Flax parameter tree, as the reference's
+rule says it: matrix-shaped (≥ 2-D) weights inside the network body are updated with
+Nesterov momentum orthogonalised by five bfloat16 Newton–Schulz steps; everything else
+(biases, norm affines, any 1-D or scalar parameter, the input-id embedding, `conv_in` /
+`conv_out`) by the reference's own AdamW. Both branches decay every parameter by `lr·wd`
+with the unadjusted lr.
+
+Newton–Schulz and the lr scaling see a weight as the reference's matrix: torch's dim 0 as
+rows, the other dims (in torch's order) as columns. That view follows from the kind of
+Flax leaf (a Dense or Conv kernel, an embedding table, a lambda position table) and its
+shape; a ≥ 2-D parameter of any other kind has no known view and goes to AdamW, with a
+notice.
 
 Why not `optax.contrib.muon` (optax 0.2.8), although its coefficients and Frobenius
 preconditioning are the same: its Nesterov momentum is a bias-corrected EMA whose direction
@@ -19,6 +27,7 @@ flag, so the transformation is written here.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -28,15 +37,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moebius_jax.convert.keymap import KeyMap, Layout
-from moebius_jax.convert.maps import UNET_KEYMAP
+log = logging.getLogger(__name__)
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
-# Reference parameter names containing any of these go to AdamW even when matrix-shaped.
-ADAMW_NAME_PARTS = ("embedding_layer", "conv_out", "conv_in")
+# The network's edges train with AdamW whatever their shape, as in the reference: the
+# input-id embedding table and the UNet's first and last convs (Flax module names).
+ADAMW_MODULES = frozenset({"embedding_layer", "conv_in", "conv_out"})
+# (leaf name, ndim) -> the axis order that turns the Flax leaf into the reference's tensor.
+# A lambda layer's position conv is a Conv3d (O, 1, 1, kh, kw) there: its matrix
+# (O, kh·kw) and its first two dims (O, 1) are those of the Conv2d view used here.
+TORCH_AXES: dict[tuple[str, int], tuple[int, ...]] = {
+    ("kernel", 2): (1, 0),  # Dense (in, out) -> Linear (out, in)
+    ("kernel", 4): (3, 2, 0, 1),  # Conv HWIO -> OIHW
+    ("embedding", 2): (0, 1),  # Embed (num, features), stored alike
+    ("rel_pos_emb", 4): (0, 1, 2, 3),  # lambda position tables, stored alike
+}
 
 ParamLabels = Any  # a pytree of "muon" / "adamw" with the structure of the params
+_noticed: set[str] = set()  # parameters already reported as having no matrix view
 
 
 def _path_names(path: Sequence[Any]) -> tuple[str, ...]:
@@ -44,28 +63,36 @@ def _path_names(path: Sequence[Any]) -> tuple[str, ...]:
     return tuple(str(getattr(key, "key", key)) for key in path)
 
 
-def _torch_shape(layout: Layout, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The torch shape of a Flax leaf, from a zero-strided probe (allocates nothing)."""
-    return layout.to_torch(np.broadcast_to(np.zeros((), np.uint8), shape)).shape
+def torch_axes(path: Sequence[Any], shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The Flax -> reference axis order of a leaf, or None when its kind has no known view."""
+    return TORCH_AXES.get((_path_names(path)[-1], len(shape)))
 
 
-def _torch_name(path: Sequence[Any], shape: tuple[int, ...], keymap: KeyMap) -> tuple[str, Layout]:
-    return keymap.flax_to_torch_key(("params", *_path_names(path)), len(shape))
-
-
-def muon_param_labels(params: Any, keymap: KeyMap = UNET_KEYMAP) -> ParamLabels:
+def muon_param_labels(params: Any) -> ParamLabels:
     """Label each leaf of the `params` collection "muon" or "adamw" by the reference's rule.
 
-    Muon iff the torch tensor has ndim ≥ 2 and its RemovalModel name contains none of
-    `ADAMW_NAME_PARTS`; leaves may be arrays or `jax.ShapeDtypeStruct`s.
+    Muon iff the leaf is ≥ 2-D, lies in none of `ADAMW_MODULES` and has a known matrix view
+    (`TORCH_AXES`); leaves may be arrays or `jax.ShapeDtypeStruct`s. ≥ 2-D leaves without a
+    view go to AdamW, reported once per process in one log line.
     """
+    unknown = []
 
     def label(path, leaf) -> str:
-        name, layout = _torch_name(path, tuple(leaf.shape), keymap)
-        matrix = len(_torch_shape(layout, tuple(leaf.shape))) >= 2
-        return "muon" if matrix and not any(part in name for part in ADAMW_NAME_PARTS) else "adamw"
+        shape = tuple(leaf.shape)
+        if len(shape) < 2 or ADAMW_MODULES.intersection(_path_names(path)):
+            return "adamw"
+        if torch_axes(path, shape) is None:
+            unknown.append(f"{'/'.join(_path_names(path))} {shape}")
+            return "adamw"
+        return "muon"
 
-    return jax.tree_util.tree_map_with_path(label, params)
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    new = [name for name in unknown if name not in _noticed]
+    if new:
+        _noticed.update(new)
+        log.warning("muon: %d parameter(s) of a kind with no known matrix view train with AdamW: %s",
+                    len(new), ", ".join(new))
+    return labels
 
 
 def _round_bf16(x: jax.Array) -> jax.Array:
@@ -114,15 +141,16 @@ def muon_lr_ratio(torch_shape: tuple[int, ...]) -> float:
     return 0.2 * math.sqrt(max(torch_shape[0], torch_shape[1]))
 
 
-def orthogonalized_update(u: jax.Array, layout: Layout, steps: int = 5) -> jax.Array:
-    """NS5 of a Flax leaf's update viewed as the reference's matrix (torch shape[0], rest).
+def orthogonalized_update(u: jax.Array, axes: tuple[int, ...], steps: int = 5) -> jax.Array:
+    """NS5 of a Flax leaf's update viewed as the reference's matrix (torch dim 0, the rest).
 
-    The torch-layout reshape differs from a Flax one for HWIO kernels; NS5 is equivariant to
-    that column permutation only in exact arithmetic, so the torch view is used. float32 out.
+    `axes` (from `torch_axes`) orders the leaf as torch does; the torch-order reshape differs
+    from a Flax one for HWIO kernels, and NS5 is equivariant to that column permutation only
+    in exact arithmetic, so the torch view is used. float32 out.
     """
-    torch_u = layout.to_torch(u)
+    torch_u = jnp.transpose(u, axes)
     ortho = newton_schulz5(torch_u.reshape(torch_u.shape[0], -1), steps=steps)
-    return layout.to_flax(ortho.reshape(torch_u.shape))
+    return jnp.transpose(ortho.reshape(torch_u.shape), np.argsort(axes))
 
 
 def _zeros_f32(params: optax.Params) -> optax.Updates:
@@ -161,11 +189,10 @@ def scale_by_reference_muon(
     momentum: float = 0.95,
     nesterov: bool = True,
     ns_steps: int = 5,
-    keymap: KeyMap = UNET_KEYMAP,
 ) -> optax.GradientTransformation:
     """The Muon branch alone: complete updates (lr, shape ratio and decay included).
 
-    Needs `params` in `update`. Every leaf it sees must be ≥ 2-D in torch layout.
+    Needs `params` in `update`. Every leaf it sees must have a matrix view (`torch_axes`).
     """
 
     def init_fn(params: optax.Params) -> MuonBranchState:
@@ -179,9 +206,12 @@ def scale_by_reference_muon(
         nest = jax.tree.map(lambda b, g: g + momentum * b, buf, grads) if nesterov else buf
 
         def leaf_update(path, u, p):
-            _, layout = _torch_name(path, tuple(p.shape), keymap)
-            ortho = orthogonalized_update(u, layout, ns_steps)
-            lr_adj = lr * muon_lr_ratio(_torch_shape(layout, tuple(p.shape)))
+            axes = torch_axes(path, tuple(p.shape))
+            if axes is None:
+                raise ValueError(f"muon: no matrix view for {'/'.join(_path_names(path))} {tuple(p.shape)} "
+                                 "(label it 'adamw')")
+            ortho = orthogonalized_update(u, axes, ns_steps)
+            lr_adj = lr * muon_lr_ratio(tuple(p.shape[a] for a in axes))
             return _decayed_step(p, lr, weight_decay, lr_adj * ortho)
 
         updates = jax.tree_util.tree_map_with_path(leaf_update, nest, params)
@@ -248,20 +278,19 @@ def muon(
     adamw_betas: tuple[float, float] = (0.9, 0.95),
     adamw_eps: float = 1e-8,
     param_labels: ParamLabels | Callable[[optax.Params], ParamLabels] | None = None,
-    keymap: KeyMap = UNET_KEYMAP,
 ) -> optax.GradientTransformation:
     """The reference's Muon (defaults = its defaults) over the `params` collection.
 
     Emits complete updates for `optax.apply_updates` (lr, decay included; nothing may follow
     it in a chain). The lr of step k (0-based) is `learning_rate(k)`. `param_labels` defaults
-    to `muon_param_labels(params, keymap)`.
+    to `muon_param_labels(params)`.
     """
-    labels = param_labels if param_labels is not None else (lambda p: muon_param_labels(p, keymap))
+    labels = param_labels if param_labels is not None else muon_param_labels
     return optax.partition(
         {
             "muon": scale_by_reference_muon(
                 learning_rate, weight_decay=weight_decay, momentum=momentum,
-                nesterov=nesterov, ns_steps=ns_steps, keymap=keymap,
+                nesterov=nesterov, ns_steps=ns_steps,
             ),
             "adamw": scale_by_reference_adamw(
                 learning_rate, weight_decay=weight_decay, betas=adamw_betas, eps=adamw_eps

@@ -54,8 +54,12 @@ class Targets:
     teacher_feature: jnp.ndarray | None = None
 
 
-# An extra latent-space loss: (student noise prediction (B,h,w,c), key) -> scalar.
-ExtraLoss = Callable[[jnp.ndarray, jax.Array], jnp.ndarray]
+# An extra latent-space loss as a training run configures it (E-LatentLPIPS):
+# (its frozen network, predicted x0 latents, target x0 latents, key) -> scalar.
+ExtraLoss = Callable[[Any, jnp.ndarray, jnp.ndarray, jax.Array], jnp.ndarray]
+# The same term as `objective` takes it, everything but the student bound:
+# (student noise prediction (B,h,w,c), key) -> scalar.
+ExtraTerm = Callable[[jnp.ndarray, jax.Array], jnp.ndarray]
 
 
 def _leaf(tree: Any, path: tuple[str, ...]) -> jnp.ndarray:
@@ -75,7 +79,7 @@ def objective(
     targets: Targets,
     config: LossConfig,
     probes: Mapping[str, tuple[str, ...]],
-    extra_loss: ExtraLoss | None = None,
+    extra_loss: ExtraTerm | None = None,
     key: jax.Array | None = None,
 ) -> tuple[jnp.ndarray, Any, Any, dict[str, jnp.ndarray]]:
     """(total loss, gradient w.r.t. params, forward aux (BatchNorm updates), metrics).

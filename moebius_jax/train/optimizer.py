@@ -14,10 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moebius_jax.convert.keymap import KeyMap
-from moebius_jax.convert.maps import UNET_KEYMAP
 from moebius_jax.train.muon import muon, muon_param_labels
-from moebius_jax.train.schedules import constant_with_warmup, cosine_with_warmup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +47,9 @@ class OptimizerConfig:
             raise ValueError(f"unknown schedule {self.schedule!r} (constant_with_warmup | cosine)")
         if self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise ValueError("warmup_steps and max_grad_norm must be >= 0")
+        if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
+            raise ValueError(f"cosine schedule: total_steps ({self.total_steps}) must exceed "
+                             f"warmup_steps ({self.warmup_steps})")
 
 
 def torch_global_norm(tree: optax.Updates) -> jax.Array:
@@ -74,21 +74,26 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_schedule(config: OptimizerConfig) -> optax.Schedule:
-    """The lr schedule of `config`, indexed by the 0-based optimizer step."""
+    """The lr of 0-based optimizer step k, as diffusers' `get_scheduler` gives it.
+
+    The reference's LambdaLR is stepped after `optimizer.step()`, so its first step uses
+    factor(0): lr·k/warmup during the warm-up (0 at step 0), then lr (constant_with_warmup),
+    or a half cosine from lr down to `min_lr` at `total_steps` (cosine; with min_lr 0 it is
+    diffusers' num_cycles 0.5 up to total_steps, after which diffusers' climbs again and this
+    stays at min_lr).
+    """
+    lr, warmup = config.learning_rate, config.warmup_steps
     if config.schedule == "cosine":
-        return cosine_with_warmup(
-            config.learning_rate, config.warmup_steps, config.total_steps, config.min_lr
-        )
-    return constant_with_warmup(config.learning_rate, config.warmup_steps)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, config.total_steps, end_value=config.min_lr)
+    if warmup == 0:  # optax's warm-up over 0 steps would hold its initial value, 0, for ever
+        return optax.constant_schedule(lr)
+    return optax.warmup_constant_schedule(0.0, lr, warmup)
 
 
-def make_optimizer(
-    config: OptimizerConfig, params: optax.Params, keymap: KeyMap = UNET_KEYMAP
-) -> optax.GradientTransformation:
+def make_optimizer(config: OptimizerConfig, params: optax.Params) -> optax.GradientTransformation:
     """clip (torch rule) → Muon or AdamW on the schedule. Emits complete updates.
 
-    `params` (the "params" collection; arrays or shapes) fixes Muon's split up front, so an
-    unmapped leaf fails here. "adamw" is optax.adamw with the config's betas, eps and weight
+    `params` (the "params" collection; arrays or shapes) fixes Muon's split up front. "adamw" is optax.adamw with the config's betas, eps and weight
     decay on every parameter (torch AdamW semantics, eps after bias correction).
     """
     schedule = make_schedule(config)
@@ -101,8 +106,7 @@ def make_optimizer(
             ns_steps=config.ns_steps,
             adamw_betas=config.adamw_betas,
             adamw_eps=config.adamw_eps,
-            param_labels=muon_param_labels(params, keymap),
-            keymap=keymap,
+            param_labels=muon_param_labels(params),
         )
     else:
         b1, b2 = config.adamw_betas

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moebius_jax.latents import latent_mask, unet_input
 from moebius_jax.models.removal_model import RemovalModel
 from moebius_jax.models.vae import AutoencoderKL
 from moebius_jax.schedulers import add_noise, pred_original_sample, sample_timesteps, scaled_linear_schedule
@@ -33,19 +34,6 @@ class Frozen:
     extra: Any = None  # e.g. the E-LatentLPIPS network (a pytree)
 
 
-def encode_latents(vae: AutoencoderKL, variables: Any, images: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
-    """Scaled posterior sample of images in [-1, 1] (NaNs zeroed, as the reference)."""
-    mean, logvar = vae.apply(variables, images, method="encode")
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-    z = jnp.where(jnp.isnan(z), 0.0, z)
-    return (z - (vae.shift_factor or 0.0)) * vae.scaling_factor
-
-
-def latent_mask(mask: jnp.ndarray, factor: int) -> jnp.ndarray:
-    """torch's legacy nearest resize: the top-left pixel of each factor x factor cell."""
-    return mask[:, ::factor, ::factor, :]
-
-
 def make_train_step(
     student: RemovalModel,
     vae: AutoencoderKL,
@@ -60,18 +48,22 @@ def make_train_step(
     loss_config = config.loss
     factor = vae.config.downsample_factor
 
+    def encode(vae_variables, images, key):
+        """Scaled posterior samples, the noise drawn in float32 as the sampler draws it."""
+        noise = jax.random.normal(key, vae.config.latent_shape(images.shape), jnp.float32)
+        return jax.lax.stop_gradient(vae.apply(vae_variables, images, noise, method="encode_latents"))
+
     def step(state, frozen: Frozen, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         k_image, k_masked, k_noise, k_offset, k_time, k_extra = jax.random.split(key, 6)
-        latents = jax.lax.stop_gradient(encode_latents(vae, frozen.vae, batch["image"], k_image))
-        masked = jax.lax.stop_gradient(encode_latents(vae, frozen.vae, batch["masked_image"], k_masked))
+        latents = encode(frozen.vae, batch["image"], k_image)
+        masked = encode(frozen.vae, batch["masked_image"], k_masked)
         batch_size, channels = latents.shape[0], latents.shape[-1]
         noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
         noise = noise + config.noise_offset * jax.random.normal(k_offset, (batch_size, 1, 1, channels))
         timesteps = sample_timesteps(k_time, batch_size, config.timestep_sampling)
         noisy = add_noise(alphas, latents.astype(jnp.float32), noise, timesteps)
-        model_input = jnp.concatenate(
-            [noisy, latent_mask(batch["mask"], factor).astype(noisy.dtype), masked.astype(noisy.dtype)], axis=-1)
+        model_input = unet_input(noisy, latent_mask(batch["mask"], factor), masked)
         ids = batch["input_ids"]
 
         targets = Targets(noise=noise)
@@ -92,8 +84,10 @@ def make_train_step(
         if extra_loss is not None:
             latents_x0 = pred_original_sample(alphas, noise, timesteps, noisy)  # the x0 the noise implies
 
-            def extra(eps, k):
+            def extra_term(eps, k):
                 return extra_loss(frozen.extra, pred_original_sample(alphas, eps, timesteps, noisy), latents_x0, k)
+
+            extra = extra_term
 
         _, grads, batch_stats, metrics = objective(forward, state.params, targets, loss_config, probes, extra, k_extra)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
