@@ -21,8 +21,13 @@ from moebius_jax.train.loop import Trainer
 
 
 def _config(*overrides):
-    """The micro student, quick settings (conftest.MICRO_TRAIN; the overfitting test keeps the
-    reference's Muon)."""
+    """The demo training config (the tiny student) with quick settings (conftest.FAST_TRAIN)."""
+    return load_train_config(ROOT / "configs" / "train_demo.yaml", [*FAST_TRAIN, *overrides])
+
+
+def _micro_config(*overrides):
+    """For runs that train: the micro student, quick settings (conftest.MICRO_TRAIN; the
+    overfitting test keeps the reference's Muon)."""
     return load_train_config(ROOT / "configs" / "train_demo.yaml", [*MICRO_TRAIN, *overrides])
 
 
@@ -31,8 +36,9 @@ def _losses(workdir: pathlib.Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
+@pytest.mark.slow  # 200 Muon steps: about 3 minutes of CPU
 def test_overfitting_one_batch_halves_the_task_loss():
-    trainer = Trainer.build(_config("optimizer.name=muon", "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=10",
+    trainer = Trainer.build(_micro_config("optimizer.name=muon", "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=10",
                                     "optimizer.total_steps=200"), "/nonexistent")
     batch = trainer._to_global(next(trainer._data_iterator()))
     state, losses = trainer.state, []
@@ -44,7 +50,7 @@ def test_overfitting_one_batch_halves_the_task_loss():
 
 
 def test_resume_continues_bit_identically(tmp_path):
-    config = _config("save_every=3")
+    config = _micro_config("save_every=3")
     Trainer.build(config, tmp_path / "straight").run(max_steps=6)
     first_half = Trainer.build(config, tmp_path / "split")
     first_half.run(max_steps=3)
@@ -63,6 +69,7 @@ def test_resume_continues_bit_identically(tmp_path):
         assert split[step] == straight[step], step
 
 
+@pytest.mark.slow  # compiles the student, the teacher and E-LatentLPIPS in one step: about 6 minutes of CPU
 def test_four_term_distillation_logs_every_weight(tmp_path):
     """Task + output KD + feature KD + E-LatentLPIPS (random weights by the fixture rule)."""
     from elatentlpips_weights import full_width_entries, regenerate, write_tuned_file
