@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import moebius_jax
-from moebius_jax.pipeline.inpaint import InpaintPipeline
+from moebius_jax.pipeline.inpaint import InpaintPipeline, Timing
 from moebius_jax.vae_loading import load_vae
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -98,3 +99,31 @@ def tiny_pipeline():
     """InpaintPipeline of the tiny student and VAE (float32, 128 px): its sampler compiles each
     batch shape once per process, for every test that inpaints with it."""
     return InpaintPipeline.from_pretrained(TINY_STUDENT_WEIGHTS, TINY_VAE, config=TINY_STUDENT_CONFIG)
+
+
+@contextlib.contextmanager
+def commands_use(pipeline: InpaintPipeline):
+    """Within it, commands (infer.main, eval.run) that load the tiny fixture files in float32 get
+    `pipeline`, with fresh timing as a fresh load has, instead of a new pipeline that compiles its
+    sampler again; other loads go through. Yields the list of the shared loads' arguments."""
+    real, loads = InpaintPipeline.from_pretrained, []
+
+    def load(weights=None, vae=None, config=None, dtype="float32", resolution=None, **options):
+        paths = tuple(None if p is None else pathlib.Path(p) for p in (weights, vae, config))
+        if paths != (TINY_STUDENT_WEIGHTS, TINY_VAE, TINY_STUDENT_CONFIG) or dtype != "float32" or \
+                resolution not in (None, pipeline.resolution) or options.get("variant") is not None:
+            return real(weights, vae, config, dtype, resolution, **options)
+        loads.append(repr((weights, vae, config, dtype, resolution, sorted(options.items()))))
+        pipeline.timing = Timing()
+        return pipeline
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InpaintPipeline, "from_pretrained", staticmethod(load))
+        yield loads
+
+
+@pytest.fixture
+def commands_use_tiny_pipeline(tiny_pipeline):
+    """For one test: commands loading the tiny fixture files get the session's tiny pipeline."""
+    with commands_use(tiny_pipeline) as loads:
+        yield loads
