@@ -7,9 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fixture_path
 
-import moebius_jax
 from moebius_jax.layers.cross_lambda import resample_position_table
 
 # A 2x2 table of known values, one row per cell in raster order: [[1, 3], [5, 13]].
@@ -76,18 +74,12 @@ def test_trailing_axes_and_raster_order_are_kept():
     np.testing.assert_array_equal(out[:, 0, 1], 10 * expected)
 
 
-@pytest.fixture(scope="module")
-def student():
-    return moebius_jax.load_model(fixture_path("moebius_tiny", "config.yaml"),
-                                  fixture_path("moebius_tiny", "diffusion_pytorch_model.bin"))
-
-
 @pytest.mark.parametrize("hw", [(16, 24), (24, 16), (8, 12)])
-def test_student_runs_on_non_square_and_smaller_latents(student, hw):
+def test_student_runs_on_non_square_and_smaller_latents(tiny_student, tiny_student_apply, hw):
     # The tiny config's native latent is 16x16: 16x24 and 24x16 stretch one axis of every
     # level's table and keep the other, 8x12 shrinks both (the antialiased path).
-    model, variables = student
+    _, variables = tiny_student
     x = jnp.ones((1, *hw, 9)) * 0.1
-    out = model.apply(variables, x, np.array([500]), np.arange(10)[None])
+    out = tiny_student_apply(variables, x, np.array([500]), np.arange(10)[None])
     assert out.sample.shape == (1, *hw, 4)
     assert bool(jnp.all(jnp.isfinite(out.sample)))

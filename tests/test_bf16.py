@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-from conftest import fixture_path, load_npz, nchw_to_nhwc
+from conftest import TINY_STUDENT_CONFIG, TINY_STUDENT_WEIGHTS, TINY_VAE, load_npz, nchw_to_nhwc
 
 import moebius_jax
 from moebius_jax.vae_loading import load_vae
@@ -26,27 +27,27 @@ def _rel(a, b) -> float:
 
 
 def _rounded(variables):
-    return {**variables, "params": jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32),
-                                                variables["params"])}
+    """The weights rounded to bfloat16 (nearest even) and held in float32; on the host, so that
+    no per-shape conversion programs are compiled."""
+    round_trip = lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32)  # noqa: E731
+    return {**variables, "params": jax.tree.map(round_trip, variables["params"])}
 
 
-def test_student_bf16_adds_little_to_weight_rounding():
+def test_student_bf16_adds_little_to_weight_rounding(tiny_student, tiny_student_apply):
     io = load_npz("moebius_tiny", "io.npz")
     args = (nchw_to_nhwc(io["sample"]), io["timesteps"], io["input_ids"])
-    config, weights = fixture_path("moebius_tiny", "config.yaml"), fixture_path("moebius_tiny", "diffusion_pytorch_model.bin")
-    model32, variables = moebius_jax.load_model(config, weights)
-    model16, _ = moebius_jax.load_model(config, weights, dtype=jnp.bfloat16)
-    f32 = jax.jit(model32.apply)
-    exact = f32(variables, *args).sample
-    floor = _rel(f32(_rounded(variables), *args).sample, exact)
+    _, variables = tiny_student
+    model16, _ = moebius_jax.load_model(TINY_STUDENT_CONFIG, TINY_STUDENT_WEIGHTS, dtype=jnp.bfloat16)
+    exact = tiny_student_apply(variables, *args).sample
+    floor = _rel(tiny_student_apply(_rounded(variables), *args).sample, exact)
     out16 = jax.jit(model16.apply)(variables, *args).sample
     assert _rel(out16, exact) <= 2 * floor, (_rel(out16, exact), floor)
 
 
-def test_vae_bf16_adds_little_to_weight_rounding():
+def test_vae_bf16_adds_little_to_weight_rounding(tiny_vae):
     io = load_npz("vae_tiny", "io.npz")
-    vae32, variables = load_vae(fixture_path("vae_tiny"))
-    vae16, _ = load_vae(fixture_path("vae_tiny"), dtype=jnp.bfloat16)
+    vae32, variables = tiny_vae
+    vae16, _ = load_vae(TINY_VAE, dtype=jnp.bfloat16)
     for method, x in (("encode", nchw_to_nhwc(io["image"])), ("decode", nchw_to_nhwc(io["latent_in"]))):
         f32 = jax.jit(lambda v, x: jax.tree.leaves(vae32.apply(v, x, method=method))[0])
         f16 = jax.jit(lambda v, x: jax.tree.leaves(vae16.apply(v, x, method=method))[0])

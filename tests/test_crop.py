@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from test_infer import CONFIG, FAST, VAE, WEIGHTS, _mask, _photo
+from test_infer import FAST, VAE, WEIGHTS, _mask, _photo
 
 import infer
 from moebius_jax.pipeline import crop
-from moebius_jax.pipeline.inpaint import InpaintPipeline
 
 NATIVE = 128
 PHOTO = (3000, 2000)
@@ -137,8 +136,8 @@ def test_paste_window_changes_only_the_box():
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return InpaintPipeline.from_pretrained(WEIGHTS, VAE, config=CONFIG)
+def pipe(tiny_pipeline):
+    return tiny_pipeline
 
 
 @pytest.fixture

@@ -16,17 +16,15 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import fixture_path
+from conftest import TINY_STUDENT_CONFIG, TINY_STUDENT_WEIGHTS, TINY_VAE, commands_use
 from eval_weights import inception_state_dict, lpips_backbone_state_dict
 from PIL import Image, ImageDraw
 
 from moebius_jax.convert.torch_pickle import save_torch_file
 from moebius_jax.eval import image_metrics, make_benchmark, run, score
 from moebius_jax.eval.benchmark import Manifest, crop_and_resize, read_manifest
-from moebius_jax.pipeline.inpaint import InpaintPipeline
 
-TINY = ["--weights", str(fixture_path("moebius_tiny", "diffusion_pytorch_model.bin")),
-        "--vae", str(fixture_path("vae_tiny")), "--config", str(fixture_path("moebius_tiny", "config.yaml")),
+TINY = ["--weights", str(TINY_STUDENT_WEIGHTS), "--vae", str(TINY_VAE), "--config", str(TINY_STUDENT_CONFIG),
         "--steps", "2", "--batch-size", "2"]  # strength 0.99 keeps 1 step: fast, same compiled loop
 RESOLUTION = 128
 # The key-seeded Inception has dead channels, so pytorch-fid's eps fallback runs (and warns).
@@ -79,21 +77,11 @@ def metric_weights(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def loaded_pipelines():
-    """eval.run loads the tiny pipeline once for the whole module: a fresh pipeline compiles
-    its sampler again (~15 s per batch shape on CPU). Loads are keyed by their arguments."""
-    real = InpaintPipeline.from_pretrained
-    cache: dict[str, InpaintPipeline] = {}
-
-    def load(*args, **kwargs):
-        key = repr((args, sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = real(*args, **kwargs)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(InpaintPipeline, "from_pretrained", staticmethod(load))
-        yield cache
+def loaded_pipelines(tiny_pipeline):
+    """eval.run gets the session's tiny pipeline: a fresh pipeline compiles its sampler again
+    (~15 s per batch shape on CPU). Yields each load's arguments."""
+    with commands_use(tiny_pipeline) as loads:
+        yield loads
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +226,7 @@ def test_run_resumes_without_recomputing(resumed, loaded_pipelines):
     assert np.abs(redone - before).max() <= 1 and np.mean(redone != before) < 0.001
     inference = resumed["metrics"]["inference"]
     assert inference["reused_predictions"] == 1 and inference["new_predictions"] == 4
-    assert len(loaded_pipelines) == 1  # both runs asked for the same pipeline
+    assert len(set(loaded_pipelines)) == 1  # both runs asked for the same pipeline
 
 
 def test_run_metrics_and_table(resumed, bench):

@@ -8,10 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import fixture_path
 
 from moebius_jax import export
-from moebius_jax.pipeline.inpaint import InpaintPipeline
 from moebius_jax.pipeline.sampler import ALWAYS_GUIDE, SamplerSettings
 
 SETTINGS = SamplerSettings(num_steps=2, guidance_cutoff=True)  # strength 0.99 keeps 1 step: cheap
@@ -33,9 +31,8 @@ assert not any(m.split(".")[0] in ("flax", "moebius_jax") for m in sys.modules),
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return InpaintPipeline.from_pretrained(fixture_path("moebius_tiny", "diffusion_pytorch_model.bin"),
-                                           fixture_path("vae_tiny"), config=fixture_path("moebius_tiny", "config.yaml"))
+def pipe(tiny_pipeline):
+    return tiny_pipeline
 
 
 def _inputs() -> tuple[np.ndarray, np.ndarray]:

@@ -113,8 +113,8 @@ def test_offline_without_cache_says_what_was_tried_and_what_to_do(offline):
     assert isinstance(err.value, FileNotFoundError)  # what every CLI already reports cleanly
 
 
-def test_loaders_take_hub_ids_and_convert_once(hub_cache, monkeypatch):
-    _, local = load_model(TINY_CONFIG, TINY_WEIGHTS)
+def test_loaders_take_hub_ids_and_convert_once(hub_cache, monkeypatch, tiny_student, tiny_vae):
+    _, local = tiny_student
     _, fetched = load_model(TINY_CONFIG, hub.student_weights())
     assert _equal_trees(fetched, local)
     converted = list((hub_cache[1] / "converted").iterdir())
@@ -127,7 +127,7 @@ def test_loaders_take_hub_ids_and_convert_once(hub_cache, monkeypatch):
     _, again = load_model(TINY_CONFIG, hub.student_weights())
     assert _equal_trees(again, local)
 
-    vae, vae_local = load_vae(TINY_VAE)
+    vae, vae_local = tiny_vae
     hub_vae, vae_fetched = load_vae(hub.DEFAULT_VAE)
     assert hub_vae.config == vae.config and _equal_trees(vae_fetched, vae_local)
     assert sorted(p.name.split("-")[0] for p in (hub_cache[1] / "converted").iterdir()) == ["unet", "vae"]

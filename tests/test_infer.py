@@ -22,8 +22,8 @@ FAST = dict(steps=2)  # strength 0.99 keeps 1 step: the scan body compiles the s
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return InpaintPipeline.from_pretrained(WEIGHTS, VAE, config=CONFIG)
+def pipe(tiny_pipeline):
+    return tiny_pipeline
 
 
 def _photo(w: int, h: int, seed: int) -> Image.Image:
@@ -88,7 +88,7 @@ def test_bad_inputs_are_named(pipe, tmp_path):
     assert pipe([broken], [_mask(150, 100, (1, 1, 20, 20))], on_error="skip", **FAST) == [None]
 
 
-def test_infer_folder_of_mixed_photos(tmp_path, caplog):
+def test_infer_folder_of_mixed_photos(tmp_path, caplog, commands_use_tiny_pipeline):
     images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
     images.mkdir(), masks.mkdir()
     cases = {
@@ -172,7 +172,7 @@ def test_random_seed_is_reported_and_reproduces(pipe, monkeypatch, caplog):
         pipe(image, mask, seed=-2, **FAST)
 
 
-def test_infer_new_flags(tmp_path, monkeypatch, capsys):
+def test_infer_new_flags(tmp_path, monkeypatch, capsys, commands_use_tiny_pipeline):
     image, mask, out = tmp_path / "a.png", tmp_path / "m.png", tmp_path / "r.png"
     _photo(150, 100, 15).save(image)
     _mask(150, 100, (60, 30, 90, 60)).save(mask)

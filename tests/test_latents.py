@@ -7,11 +7,9 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from conftest import fixture_path
 
 from moebius_jax.latents import guidance_task_ids, latent_mask, task_ids, unet_input
 from moebius_jax.models.vae import AutoencoderKL, DiagonalGaussian
-from moebius_jax.vae_loading import load_vae
 
 
 def test_task_ids():
@@ -36,8 +34,8 @@ def test_unet_input_layout_and_latent_mask():
     np.testing.assert_array_equal(x[0, 0, 0], [0, 0, 0, 0, 1, 2, 2, 2, 2])
 
 
-def test_encode_and_decode_latents_shift_and_scale():
-    vae, variables = load_vae(fixture_path("vae_tiny"))
+def test_encode_and_decode_latents_shift_and_scale(tiny_vae):
+    vae, variables = tiny_vae
     vae = AutoencoderKL(dataclasses.replace(vae.config, shift_factor=0.25), vae.dtype)
     images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
     noise = jax.random.normal(jax.random.key(0), vae.config.latent_shape(images.shape))

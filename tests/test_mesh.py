@@ -11,9 +11,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow  # trains on one device and on eight, then a distillation step: many minutes of CPU
 def test_same_losses_parameters_and_gradients_on_an_8_device_mesh():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "mesh_equivalence.py")], env=env, cwd=ROOT,

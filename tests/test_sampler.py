@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 from conftest import assert_parity, fixture_path, load_npz, nchw_to_nhwc
 
-import moebius_jax
 from moebius_jax.latents import CONDITIONAL_TASK, task_ids
 from moebius_jax.pipeline.postprocess import paste, to_uint8
 from moebius_jax.pipeline.preprocess import load_pair, prepare
 from moebius_jax.pipeline.sampler import Sampler, SamplerNoise, SamplerSettings
 from moebius_jax.schedulers import ddim_step, ddim_step_ratio, ddim_timesteps
-from moebius_jax.vae_loading import load_vae
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +20,8 @@ def stages():
 
 
 @pytest.fixture(scope="module")
-def networks():
-    model, unet_vars = moebius_jax.load_model(fixture_path("moebius_tiny", "config.yaml"),
-                                              fixture_path("moebius_tiny", "diffusion_pytorch_model.bin"))
-    vae, vae_vars = load_vae(fixture_path("vae_tiny"))
+def networks(tiny_student, tiny_vae):
+    (model, unet_vars), (vae, vae_vars) = tiny_student, tiny_vae
     return Sampler(model, vae), unet_vars, vae_vars
 
 
@@ -101,7 +97,7 @@ def cut_runs(networks, run, stages):
     return {k: sampler(*args, cfg_until=k) for k in (0, 7, 19, None)}, args
 
 
-def test_cfg_until_guides_exactly_the_first_steps(networks, cut_runs):
+def test_cfg_until_guides_exactly_the_first_steps(networks, cut_runs, tiny_student_apply):
     sampler, unet_vars, _ = networks
     runs, args = cut_runs
     guided, cut = runs[19], runs[7]
@@ -114,7 +110,7 @@ def test_cfg_until_guides_exactly_the_first_steps(networks, cut_runs):
     t = int(ddim_timesteps(20, 0.99)[7])
     x = cut.trajectory[7]
     model_input = np.concatenate([x, args[4], cut.masked_latents], axis=-1)
-    eps = jax.jit(sampler.model.apply)(unet_vars, model_input, np.array([t]), task_ids(CONDITIONAL_TASK)[None]).sample
+    eps = tiny_student_apply(unet_vars, model_input, np.array([t]), task_ids(CONDITIONAL_TASK)[None]).sample
     expected, _ = ddim_step(sampler.schedule.alphas_cumprod, sampler.schedule.final_alpha_cumprod, eps,
                             np.array([t]), x, ddim_step_ratio(20))
     assert_parity(cut.trajectory[8], expected, name="unguided step")

@@ -108,6 +108,7 @@ def test_print_shardings_on_8_devices():
     assert lines[-1].endswith("MiB per device") and len(rows) > 100
 
 
+@pytest.mark.slow  # a process on 8 devices compiling the tiny sampler: over a minute of CPU
 def test_sampler_spreads_a_batch_over_8_devices():
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "sampler_devices.py")], env=EIGHT_DEVICES,
                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
@@ -121,7 +122,8 @@ def test_sampler_spreads_a_batch_over_8_devices():
     assert result["max_diff"] <= 1e-4, result["max_diff"]  # of [0, 1] pixels; measured 1.3e-5
 
 
-@pytest.mark.parametrize("network", ["teacher", "vae"])
+# The bfloat16 teacher compiles twice (bfloat16 and float32 matrices): about two minutes of CPU.
+@pytest.mark.parametrize("network", [pytest.param("teacher", marks=pytest.mark.slow), "vae"])
 def test_frozen_matrices_in_the_compute_dtype_change_nothing(network):
     """Every use of a frozen network's matrices casts them to its compute dtype, so storing them
     in bfloat16 gives bit-identical outputs."""

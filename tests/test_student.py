@@ -29,14 +29,13 @@ def io():
 
 
 @pytest.fixture(scope="module")
-def student():
-    return moebius_jax.load_model(CONFIG, WEIGHTS)
+def student(tiny_student):
+    return tiny_student
 
 
 @pytest.fixture(scope="module")
-def forward(student):
-    model, _ = student
-    return jax.jit(lambda v, x, t, ids: model.apply(v, x, t, ids))
+def forward(tiny_student_apply):
+    return tiny_student_apply
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,14 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import MICRO_TRAIN, ROOT
 
 from moebius_jax.inspect_model import count_parameters
 from moebius_jax.sweep import load_sweep, main, run_sweep, variant_configs
 
-# The tiny student at a 64^2 image, AdamW (its train step compiles fastest), one log per step.
-OVERRIDES = ["dtype=float32", "data.image_size=64", "data.batch_size=2", "data.num_workers=0",
-             "optimizer.name=adamw", "optimizer.warmup_steps=0", "log_every=1", "save_every=2", "sample_every=0"]
+# The micro student, quick settings (conftest.MICRO_TRAIN: the reference variant's train step is
+# test_train's), one log per step.
+OVERRIDES = [*MICRO_TRAIN, "save_every=2"]
 ATTENTION = ["model.levels.0.self_mixer=attention"]
 
 
@@ -33,6 +33,8 @@ def _curves(records):
     return curves
 
 
+# The sweep trains three variants (two distinct train steps to compile) and resumes one: about
+# four minutes of CPU, so the tests that read it are marked slow.
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sweep")
@@ -41,6 +43,7 @@ def swept(tmp_path_factory):
     return tmp_path, path, records
 
 
+@pytest.mark.slow
 def test_identical_seeds_give_identical_curves(swept):
     _, _, records = swept
     curves = _curves(records)
@@ -49,6 +52,7 @@ def test_identical_seeds_give_identical_curves(swept):
     assert curves["attention"] != curves["reference"]
 
 
+@pytest.mark.slow
 def test_jsonl_png_and_summaries(swept):
     tmp_path, _, records = swept
     out = tmp_path / "out"
@@ -66,6 +70,7 @@ def test_jsonl_png_and_summaries(swept):
     assert summaries["attention"]["params"] != summaries["reference"]["params"]
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_variants_and_extends_the_others(swept, capsys):
     tmp_path, path, records = swept
     before = (tmp_path / "out" / "attention" / "metrics.jsonl").read_text()

@@ -4,33 +4,31 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 import yaml
-from conftest import fixture_path
+from conftest import FAST_TRAIN, MICRO_STUDENT_CONFIG, MICRO_TRAIN, ROOT, fixture_path
 
-import moebius_jax
+import train
 from moebius_jax.convert.state_dict import read_state_dict, read_ema_file
 from moebius_jax.config import load_config
+from moebius_jax.train import export
 from moebius_jax.train.config import config_to_dict, load_train_config
 from moebius_jax.train.export import export_state
 from moebius_jax.train.loop import Trainer
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Small and quick: the tiny student at 64 px (8x8 latents), float32, task loss only, AdamW
-# (its step compiles in half Muon's time; the overfitting test keeps the reference's Muon).
-FAST = [
-    "data.image_size=64", "data.mask_config=random_medium_256", "data.batch_size=2", "data.num_workers=0",
-    "log_every=1", "sample_every=0", "dtype=float32", "optimizer.name=adamw",
-]
-
 
 def _config(*overrides):
-    return load_train_config(ROOT / "configs" / "train_demo.yaml", [*FAST, *overrides])
+    """The demo training config (the tiny student) with quick settings (conftest.FAST_TRAIN)."""
+    return load_train_config(ROOT / "configs" / "train_demo.yaml", [*FAST_TRAIN, *overrides])
+
+
+def _micro_config(*overrides):
+    """For runs that train: the micro student, quick settings (conftest.MICRO_TRAIN; the
+    overfitting test keeps the reference's Muon)."""
+    return load_train_config(ROOT / "configs" / "train_demo.yaml", [*MICRO_TRAIN, *overrides])
 
 
 def _losses(workdir: pathlib.Path) -> dict[int, float]:
@@ -38,8 +36,9 @@ def _losses(workdir: pathlib.Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
+@pytest.mark.slow  # 200 Muon steps: about 3 minutes of CPU
 def test_overfitting_one_batch_halves_the_task_loss():
-    trainer = Trainer.build(_config("optimizer.name=muon", "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=10",
+    trainer = Trainer.build(_micro_config("optimizer.name=muon", "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=10",
                                     "optimizer.total_steps=200"), "/nonexistent")
     batch = trainer._to_global(next(trainer._data_iterator()))
     state, losses = trainer.state, []
@@ -51,7 +50,7 @@ def test_overfitting_one_batch_halves_the_task_loss():
 
 
 def test_resume_continues_bit_identically(tmp_path):
-    config = _config("save_every=3")
+    config = _micro_config("save_every=3")
     Trainer.build(config, tmp_path / "straight").run(max_steps=6)
     first_half = Trainer.build(config, tmp_path / "split")
     first_half.run(max_steps=3)
@@ -70,13 +69,14 @@ def test_resume_continues_bit_identically(tmp_path):
         assert split[step] == straight[step], step
 
 
+@pytest.mark.slow  # compiles the student, the teacher and E-LatentLPIPS in one step: about 6 minutes of CPU
 def test_four_term_distillation_logs_every_weight(tmp_path):
     """Task + output KD + feature KD + E-LatentLPIPS (random weights by the fixture rule)."""
     from elatentlpips_weights import full_width_entries, regenerate, write_tuned_file
 
     tuned = write_tuned_file(tmp_path / "sdxl_latest_vgg16_tuned.pth", regenerate(full_width_entries()))
-    config = load_train_config(ROOT / "configs" / "distill_demo.yaml",
-                               [*FAST, "loss.elatentlpips.weight=0.5", f"loss.elatentlpips.heads={tuned}"])
+    config = load_train_config(ROOT / "configs" / "distill_demo.yaml",  # the tiny student: its features fit the teacher's
+                               [*FAST_TRAIN, "loss.elatentlpips.weight=0.5", f"loss.elatentlpips.heads={tuned}"])
     Trainer.build(config, tmp_path / "run").run(max_steps=2)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for name in ("loss", "loss_task", "loss_outkd", "loss_featkd", "loss_extra", "weight_feat_task",
@@ -89,9 +89,9 @@ def test_four_term_distillation_logs_every_weight(tmp_path):
     np.testing.assert_allclose(r["loss"], expected, rtol=1e-5)
 
 
-def test_export_reproduces_the_reference_files(tmp_path):
+def test_export_reproduces_the_reference_files(tmp_path, tiny_student):
     weights = fixture_path("moebius_tiny", "diffusion_pytorch_model.bin")
-    _, variables = moebius_jax.load_model(fixture_path("moebius_tiny", "config.yaml"), weights)
+    _, variables = tiny_student
     ema = {"shadow": variables["params"], "decay": np.float32(0.9999), "num_updates": np.int32(0)}
     written = export_state({**jax.device_get(variables), "ema": jax.device_get(ema)}, tmp_path)
     exported, original = read_state_dict(written[0]), read_state_dict(weights)
@@ -105,7 +105,9 @@ def test_export_reproduces_the_reference_files(tmp_path):
         np.testing.assert_array_equal(value, original[key])
 
 
-def test_train_py_cli_with_a_jsonl_dataset(tmp_path):
+def test_train_py_cli_with_a_jsonl_dataset(tmp_path, monkeypatch):
+    """train.py and the export command, called in-process (a subprocess would import JAX and
+    compile the step again)."""
     data = tmp_path / "data"
     data.mkdir()
     demo = ROOT / "data" / "demo"
@@ -113,19 +115,16 @@ def test_train_py_cli_with_a_jsonl_dataset(tmp_path):
     lines = [json.dumps({"image": str(p), "prompt": "background"}) for p in photos]
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--config", "configs/train_demo.yaml", "--workdir", str(workdir),
-           "--max-steps", "2", "--data-jsonl", str(data / "train.jsonl"), *FAST, "save_every=2"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    monkeypatch.chdir(ROOT)  # the demo config's paths are relative to the repository, as train.py expects
+    assert train.main(["--config", "configs/train_demo.yaml", "--workdir", str(workdir), "--max-steps", "2",
+                       "--data-jsonl", str(data / "train.jsonl"), *MICRO_TRAIN, "save_every=2"]) == 0
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
     assert (workdir / "checkpoints" / "2").is_dir()
     written = yaml.safe_load((workdir / "config.yaml").read_text())  # the model's content, not its path
-    assert written["model"] == yaml.safe_load((ROOT / "configs" / "moebius_tiny.yaml").read_text())
+    assert written["model"] == yaml.safe_load(MICRO_STUDENT_CONFIG.read_text())
     assert any((workdir / "tensorboard").iterdir())
-    export = subprocess.run([sys.executable, "-m", "moebius_jax.train.export", "--workdir", str(workdir),
-                             "--out", str(tmp_path / "exported")], cwd=ROOT, capture_output=True, text=True)
-    assert export.returncode == 0, export.stderr[-2000:]
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "exported")]) == 0
     assert (tmp_path / "exported" / "diffusion_pytorch_model.safetensors").exists()
 
 

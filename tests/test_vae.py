@@ -29,8 +29,8 @@ def io():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_vae(TINY)
+def tiny(tiny_vae):
+    return tiny_vae
 
 
 @pytest.fixture(scope="module")

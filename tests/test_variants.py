@@ -15,10 +15,9 @@ import numpy as np
 import optax
 import pytest
 import yaml
-from conftest import fixture_path
+from conftest import MICRO_STUDENT_CONFIG, fixture_path
 from flax import traverse_util
 
-import moebius_jax
 from moebius_jax.config import LevelConfig, UNetConfig, load_config
 from moebius_jax.convert import keymap as km
 from moebius_jax.convert.maps import UNET_KEYMAP
@@ -44,13 +43,11 @@ def _raw(path=TINY_CONFIG) -> dict:
 
 
 def _mini(levels: dict | list, **model_keys) -> dict:
-    """Two levels at an 8x8 latent, one resnet per down block: the whole generic UNet
-    (embedding, resnets, transformers, samplers, head) in a program that compiles in seconds."""
-    raw = _raw()
-    raw["data"]["image_size"] = 64
-    raw["model"].update(block_out_channels=[32, 64], layers_per_block=1, levels=levels,
-                        down_block_types=["DWMixTFDownBlock2D"] * 2, up_block_types=["DWMixTFUpBlock2D"] * 2,
-                        **model_keys)
+    """The micro student (two levels at an 8x8 latent, one resnet per down block) with these
+    levels: the whole generic UNet (embedding, resnets, transformers, samplers, head) in a
+    program that compiles in seconds."""
+    raw = _raw(MICRO_STUDENT_CONFIG)
+    raw["model"].update(levels=levels, **model_keys)
     return raw
 
 
@@ -398,8 +395,8 @@ def test_inspect_full_student_step():
 
 
 @pytest.fixture(scope="module")
-def reference_variables():
-    return moebius_jax.load_model(TINY_CONFIG, TINY_WEIGHTS)[1]
+def reference_variables(tiny_student):
+    return tiny_student[1]
 
 
 def _variant(levels: dict) -> dict:
