@@ -12,7 +12,6 @@ from PIL import Image, ImageDraw
 
 import infer
 from moebius_jax.pipeline import inpaint
-from moebius_jax.pipeline.inpaint import InpaintPipeline
 from moebius_jax.pipeline.preprocess import hole_mask
 
 WEIGHTS = fixture_path("moebius_tiny", "diffusion_pytorch_model.bin")
