@@ -143,6 +143,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, Sequence) or isinstance(value, str):
             raise ValueError(f"{where}: expected a list, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, typing.get_args(hint)))
+    if origin is Sequence:  # kept as tuples, so a config read back from YAML equals the original
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return tuple(_coerce(v, item, where) for v in value)
     if hint is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{where}: expected true/false, got {value!r}")
