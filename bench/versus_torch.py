@@ -24,6 +24,7 @@ from bench.inference import (CFG_TIMESTEP, VAE_CONFIGS, Sizes, _student_forward_
                              _vae_input, model_abstract, model_variables, vae_variables)
 from moebius_jax.convert import keymap as km
 from moebius_jax.convert.vae_keys import VAE_KEYMAP
+from moebius_jax.layers.mixers import lookup
 from moebius_jax.loading import export_state_dict
 from moebius_jax.models.vae import VaeConfig
 
@@ -144,10 +145,10 @@ class MixFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, c: int, side: int):
+    def __init__(self, cfg, c: int, side: int, kernel_size: int):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(c), nn.LayerNorm(c), nn.LayerNorm(c)
-        self.attn1 = SelfLambda(c, cfg.num_heads, cfg.lambda_kernel_size)
+        self.attn1 = SelfLambda(c, cfg.num_heads, kernel_size)
         self.attn2 = CrossLambda(c, cfg.num_heads, cfg.cross_attention_dim, side, cfg.context_length)
         self.ff = MixFFN(c, int(c * cfg.mix_mlp_ratio))
 
@@ -158,11 +159,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg, c: int, side: int):
+    def __init__(self, cfg, c: int, side: int, kernel_size: int):
         super().__init__()
         self.norm = nn.GroupNorm(cfg.norm_num_groups, c, cfg.transformer_norm_eps)
         self.proj_in, self.proj_out = _conv(c, c), _conv(c, c)
-        self.transformer_blocks = nn.ModuleList([Block(cfg, c, side)])
+        self.transformer_blocks = nn.ModuleList([Block(cfg, c, side, kernel_size)])
 
     def forward(self, x, context):
         b, c, side, _ = x.shape
@@ -174,10 +175,12 @@ class Transformer(nn.Module):
 class Level(nn.Module):
     """A down or up block: (resnet -> transformer) pairs, then the resampler if any."""
 
-    def __init__(self, cfg, ins: list[int], c: int, side: int, resample: str | None):
+    def __init__(self, cfg, index: int, ins: list[int], resample: str | None):
         super().__init__()
+        c, side = cfg.levels[index].channels, cfg.native_side(index)
+        kernel_size = lookup("self_mixer", "local_lambda").options(cfg.levels[index])["kernel_size"]
         self.resnets = nn.ModuleList([Resnet(i, c, cfg.time_embed_dim, cfg.norm_eps) for i in ins])
-        self.attentions = nn.ModuleList([Transformer(cfg, c, side) for _ in ins])
+        self.attentions = nn.ModuleList([Transformer(cfg, c, side, kernel_size) for _ in ins])
         if resample == "down":
             self.downsamplers = nn.ModuleList([_Holder(nn.Conv2d(c, c, 3, stride=2, padding=1))])
         elif resample == "up":
@@ -216,14 +219,14 @@ class StudentUNet(nn.Module):
         skips, down = [c0], []
         for i, c in enumerate(widths):
             ins = [widths[max(i - 1, 0)]] + [c] * (per - 1)
-            down.append(Level(cfg, ins, c, cfg.native_side(i), "down" if i < n - 1 else None))
+            down.append(Level(cfg, i, ins, "down" if i < n - 1 else None))
             skips += [c] * (per + (i < n - 1))
         self.down_blocks = nn.ModuleList(down)
         up, h = [], widths[-1]
         for i, level in enumerate(reversed(range(n))):
             c = widths[level]
             ins = [(h if j == 0 else c) + skips.pop() for j in range(per + 1)]
-            up.append(Level(cfg, ins, c, cfg.native_side(level), "up" if level > 0 else None))
+            up.append(Level(cfg, level, ins, "up" if level > 0 else None))
             h = c
         self.up_blocks = nn.ModuleList(up)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, c0, cfg.norm_eps)
