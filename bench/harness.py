@@ -132,6 +132,11 @@ class Case:
     def key(self) -> str:
         return f"{self.name}.{self.variant}"
 
+    def identity(self) -> dict[str, Any]:
+        """The fields every result record starts with: what was measured, on which input."""
+        return {"name": self.name, "variant": self.variant, "config": self.config, "dtype": self.dtype,
+                "shape": list(self.shape), "batch": self.batch, "details": dict(self.details)}
+
 
 @dataclasses.dataclass(frozen=True)
 class Repeats:
@@ -295,13 +300,7 @@ def measure(case: Case, repeats: Repeats, compile_only: bool = False) -> dict[st
         memory, memory_source = _xla_memory(compiled), "xla_memory_analysis"
     commit, _ = git_state()
     return {
-        "name": case.name,
-        "variant": case.variant,
-        "config": case.config,
-        "dtype": case.dtype,
-        "shape": list(case.shape),
-        "batch": case.batch,
-        "details": dict(case.details),
+        **case.identity(),
         "device_kind": device().device_kind,
         "platform": device().platform,
         "jax_version": jax.__version__,

@@ -186,14 +186,8 @@ def measure_target(case: Case, target: str) -> dict[str, Any]:
     del figures["name"]
     commit, _ = git_state()
     return {
-        "name": case.name,
-        "variant": case.variant,
-        "config": case.config,
-        "dtype": case.dtype,
+        **case.identity(),
         "param_dtype": case.details.get("param_dtype", "float32"),
-        "shape": list(case.shape),
-        "batch": case.batch,
-        "details": dict(case.details),
         **figures,
         "git_commit": commit,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
