@@ -5,11 +5,15 @@
    (data 4 x fsdp 2) mesh: losses and parameters; and one distillation step (tiny teacher)
    on the mesh.
 2. Gradients: the tiny student's train-mode gradient with the batch and parameters sharded
-   over the mesh vs on one device, next to the float32 noise floor of the same gradient: the
-   difference that merely permuting the batch on one device makes. The student's backward pass
-   amplifies summation-order rounding (permuting the batch moves early-layer gradients by ~1e-2
-   of their scale), so "equal" for a gradient means "much closer to the one-device result than
-   a reordering of the same sums".
+   over the mesh vs on one device, next to two yardsticks. The float32 noise floor: the same
+   gradient on one device with the batch permuted (four permutations). The randomly
+   initialised student amplifies gradients ~200x from its output to its input layers, and the
+   rounding with them, so merely reordering the batch sums moves the first layers' gradients by
+   up to ~6e-3 of the gradient's scale (most permutations; an occasional one by 1e-4). And what
+   a sharding bug looks like: BatchNorm statistics taken per half of the batch instead of over
+   the global batch (what data parallelism without cross-device statistics computes), which
+   moves the gradient by O(1). "Equal" for a gradient means within the noise floor, and the
+   bug far outside it.
 
 Prints one JSON line.
 """
@@ -49,7 +53,8 @@ def train(mesh_overrides, config_file="train_demo.yaml", steps=3):
 
 
 def gradient_differences():
-    """max |g_other - g_one_device| / max |g_one_device| for a permuted batch and for the mesh."""
+    """max |g_other - g_one_device| / max |g_one_device| for four permuted batches, for the mesh,
+    and for per-half BatchNorm statistics (a sharding bug, on one device)."""
     model, variables = load_model(ROOT / "configs" / "moebius_tiny.yaml", seed=0)
     rng = np.random.default_rng(0)
     b, side = 8, 8
@@ -64,10 +69,14 @@ def gradient_differences():
                              train=True, mutable=["batch_stats"])
         return jnp.mean(jnp.square(out.sample - target))
 
+    def per_half_statistics_loss(params, x, t, ids, target):
+        h = x.shape[0] // 2
+        return (loss(params, x[:h], t[:h], ids[:h], target[:h]) + loss(params, x[h:], t[h:], ids[h:], target[h:])) / 2
+
     grad = jax.jit(jax.grad(loss))
     reference = grad(variables["params"], x, t, ids, target)
-    perm = rng.permutation(b)
-    permuted = grad(variables["params"], x[perm], t[perm], ids[perm], target[perm])
+    permuted = [grad(variables["params"], x[p], t[p], ids[p], target[p]) for p in (rng.permutation(b) for _ in range(4))]
+    per_half = jax.jit(jax.grad(per_half_statistics_loss))(variables["params"], x, t, ids, target)
     mesh = make_mesh(4, 2, jax.devices())
     params = jax.device_put(variables["params"], tree_shardings(variables["params"], mesh, MeshConfig().rules))
     sharded = grad(params, *(jax.device_put(a, batch_sharding(mesh)) for a in (x, t, ids, target)))
@@ -77,15 +86,16 @@ def gradient_differences():
         return max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in
                    zip(jax.tree.leaves(reference), jax.tree.leaves(other))) / scale
 
-    return distance(permuted), distance(sharded)
+    return [distance(p) for p in permuted], distance(sharded), distance(per_half)
 
 
 single_losses, single_params, _ = train(["mesh.num_devices=1", "mesh.data=1", "mesh.fsdp=1", *ADAMW])
 mesh_losses, mesh_params, sharded_leaves = train(MESH + ADAMW)
 param_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(single_params), jax.tree.leaves(mesh_params)))
 distill_losses, _, _ = train(MESH + ADAMW, "distill_demo.yaml", steps=1)
-permuted, sharded = gradient_differences()
+permuted, sharded, per_half = gradient_differences()
 print(json.dumps({"devices": jax.device_count(), "single_losses": single_losses, "mesh_losses": mesh_losses,
                   "sharded_state_leaves": sharded_leaves,
                   "max_param_diff": param_diff, "distill_losses": distill_losses,
-                  "grad_diff_permuted": permuted, "grad_diff_mesh": sharded}))
+                  "grad_diff_permuted": permuted, "grad_diff_mesh": sharded,
+                  "grad_diff_per_half_statistics": per_half}))
