@@ -1,4 +1,4 @@
-"""Subprocess helper for test_train (the host device count must be set before JAX starts).
+"""Subprocess helper for tests/test_mesh.py (the host device count must be set before JAX starts).
 
 1. Trainer: 3 steps (AdamW at 1e-4: it compiles in half Muon's time, and Muon's own
    sharding is plain GSPMD over its Newton-Schulz matmuls) on 1 device vs an 8-device
