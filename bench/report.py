@@ -90,10 +90,16 @@ def target_row(m: dict[str, Any]) -> str:
     if memory["hbm"] is not None:
         used += f" of {memory['hbm'] / 2**30:.0f} GiB" + ("" if memory["fits"] else " **does not fit**")
     roofline = "—" if m["roofline_seconds"] is None else f"{_seconds(m['roofline_seconds'])} ({m['bound']})"
+    hbm = m.get("hbm")
+    hbm_cells = ["—", "—"] if hbm is None else [
+        _gigabytes(hbm["bytes"]), f"{_seconds(hbm['roofline_seconds'])} ({hbm['bound']})"]
+    mfu = "—" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%"
+    if hbm is not None and hbm["mfu"] is not None:
+        mfu += f" / {100 * hbm['mfu']:.1f}%"
     cells = [f"{m['name']}.{m['variant']}", m["config"], f"{m['dtype']} / {m['param_dtype']}",
              "×".join(map(str, m["shape"])), str(m["devices"]), f"{m['compile_seconds']:.0f} s", used,
              _bytes(memory["generated_code"], None), _flops(m["flops"]), _gigabytes(m["bytes_accessed"]),
-             roofline, "—" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%", _collectives(m["collectives"])]
+             roofline, *hbm_cells, mfu, _collectives(m["collectives"])]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -110,10 +116,12 @@ def render_target(results: dict[str, Any]) -> str:
                f"`python -m bench --target {h['target']}` {h['mode']} mode, compiled on {h['cpu_count']} CPU "
                f"cores, nothing run. Per chip: memory = arguments + outputs + temporaries + code (XLA's plan), "
                f"FLOPs and bytes accessed from XLA's cost analysis (loops counted per iteration on one chip); "
-               f"roofline = max(FLOPs / peak, bytes / bandwidth) and what bounds it; MFU = the whole "
-               f"program's FLOPs / (chips × peak × roofline), the best the figures allow.")
+               f"roofline = max(FLOPs / peak, bytes / bandwidth) and what bounds it; HBM bytes = the part "
+               f"of the bytes in HBM after XLA's memory-space assignment (the rest is on-chip memory), and "
+               f"the roofline with them alone; MFU = the whole program's FLOPs / (chips × peak × roofline), "
+               f"the best the figures allow (with either roofline).")
     columns = ["Program", "Config", "dtype / params", "Input", "Chips", "Compile", "Memory per chip", "Code",
-               "FLOPs", "Bytes", "Roofline", "MFU", "Collectives"]
+               "FLOPs", "Bytes", "Roofline", "HBM bytes", "HBM roofline", "MFU", "Collectives"]
     lines = [caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += [target_row(m) for m in results["measurements"]]
     return "\n".join(lines)

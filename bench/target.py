@@ -58,6 +58,7 @@ TARGET_FIELDS: dict[str, tuple[type, ...]] = {
     "bound": (str, type(None)),
     "model_flops": (float, type(None)),  # the whole program, all devices (what MFU divides by)
     "mfu": (float, type(None)),
+    "hbm": (dict, type(None)),  # TPU: bytes in HBM, their seconds, the HBM roofline, its bound and MFU
     "collectives": (list,),
     "git_commit": (str, type(None)),
     "timestamp": (str,),

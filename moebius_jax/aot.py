@@ -13,6 +13,9 @@
 compiles it and reads XLA's own figures: per-chip memory (arguments, outputs, temporaries,
 generated code) against the chip's HBM, flops and bytes accessed, the roofline time they imply,
 and the collectives in the compiled program (kind, count, bytes), so sharding mistakes show.
+XLA's "bytes accessed" counts traffic to every memory, on-chip included; on TPU the report also
+gives the part in HBM (`hlo_text.memory_traffic`) and the roofline it implies, which is the
+tighter bound when XLA keeps activations in on-chip memory.
 XLA's cost analysis counts a loop body once whatever its trip count; for single-device
 programs each `scan` body is compiled alone and counted once per iteration (`loop_cost`).
 XLA's `optimal_seconds` is not used: it is unreliable (negative for the full student). MFU
@@ -37,6 +40,7 @@ import jax.extend as jex
 import numpy as np
 
 from moebius_jax.errors import UserError
+from moebius_jax.hlo_text import Collective, collectives, memory_traffic
 
 
 def _host_has_tpu() -> bool:
@@ -166,13 +170,6 @@ class DoesNotFit(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Collective:
-    kind: str  # all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute
-    count: int  # ops in the program text (an op inside a loop body counts once)
-    bytes: int  # sum of their result sizes
-
-
-@dataclasses.dataclass(frozen=True)
 class CompileReport:
     """XLA's figures for one compiled program, per device (an SPMD program is per device)."""
 
@@ -196,6 +193,10 @@ class CompileReport:
     # The whole program's flops on all devices together, before partitioning (`model_flops`):
     # what MFU divides by. Work the partitioned program repeats on several devices is not in it.
     model_flops: float | None = None
+    # Of the traffic, the bytes in device memory (HBM) after XLA:TPU's memory-space assignment
+    # (`hlo_text.memory_traffic`; loops counted like `bytes_accessed`). None off TPU, where
+    # compiled layouts name no memory spaces.
+    hbm_bytes: float | None = None
 
     @property
     def memory_bytes(self) -> int:
@@ -227,9 +228,20 @@ class CompileReport:
     @property
     def mfu(self) -> float | None:
         """Model flops / (devices x peak x roofline time): the best MFU these figures allow."""
-        if self.chip is None or self.model_flops is None or not self.roofline_seconds:
+        return self._mfu(self.roofline_seconds)
+
+    @property
+    def hbm_roofline(self) -> tuple[float, str] | None:
+        """`Chip.roofline` with only the HBM traffic as memory time: on-chip memory is many
+        times faster, so this is the tighter bound on TPU; None where `hbm_bytes` is unknown."""
+        if self.chip is None or self.hbm_bytes is None:
             return None
-        return self.model_flops / (self.devices * self.chip.peak_flops * self.roofline_seconds)
+        return self.chip.roofline(self.flops, self.hbm_bytes)
+
+    def _mfu(self, seconds: float | None) -> float | None:
+        if self.chip is None or self.model_flops is None or not seconds:
+            return None
+        return self.model_flops / (self.devices * self.chip.peak_flops * seconds)
 
     def check_fits(self) -> None:
         """Raise `DoesNotFit` (a one-line user error naming the per-chip memory and the HBM)
@@ -268,6 +280,13 @@ class CompileReport:
             "bound": self.bound,
             "model_flops": self.model_flops,
             "mfu": self.mfu,
+            "hbm": None if self.hbm_roofline is None else {
+                "bytes": self.hbm_bytes,
+                "seconds": self.hbm_bytes / chip.hbm_bandwidth,
+                "roofline_seconds": self.hbm_roofline[0],
+                "bound": self.hbm_roofline[1],
+                "mfu": self._mfu(self.hbm_roofline[0]),
+            },
             "collectives": [dataclasses.asdict(c) for c in self.collectives],
         }
 
@@ -290,6 +309,11 @@ class CompileReport:
             cost += (f"; roofline {self.roofline_seconds * 1e3:.2f} ms, {self.bound}-bound "
                      f"(compute {self.compute_seconds * 1e3:.2f} ms, memory {self.memory_seconds * 1e3:.2f} ms)")
         lines.append(cost)
+        if self.hbm_roofline is not None:
+            seconds, bound = self.hbm_roofline
+            lines.append(f"  of which in HBM {self.hbm_bytes / gb:.2f} GB (the rest in on-chip memory): "
+                         f"HBM roofline {seconds * 1e3:.2f} ms, {bound}-bound "
+                         f"(memory {self.hbm_bytes / self.chip.hbm_bandwidth * 1e3:.2f} ms)")
         if self.mfu is not None:
             lines.append(f"  model {self.model_flops / gb:.1f} GFLOP on all {self.devices} device(s): "
                          f"MFU at most {100 * self.mfu:.1f}% (model flops / (devices x peak x roofline))")
@@ -297,37 +321,6 @@ class CompileReport:
             lines.append("  collectives: " + ", ".join(
                 f"{c.kind} x{c.count} ({c.bytes / 2**20:.1f} MiB)" for c in self.collectives))
         return "\n".join(lines)
-
-
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-# `%name = <result type> <opcode>(`; async pairs appear as <opcode>-start / -done: count the start.
-_OP = re.compile(r"=\s+(?P<type>\(.*?\)|\S+)\s+(?P<op>[a-z-]+)\(")
-_ARRAY = re.compile(r"\b(?P<dtype>pred|[sufc]\d+|bf16|f8\w*)\[(?P<dims>[\d,]*)\]")
-_DTYPE_BYTES = {"pred": 1, "bf16": 2}
-
-
-def _array_bytes(type_text: str) -> int:
-    total = 0
-    for m in _ARRAY.finditer(type_text):
-        dtype = m.group("dtype")
-        itemsize = _DTYPE_BYTES.get(dtype) or (1 if dtype.startswith("f8") else max(int(dtype[1:]) // 8, 1))
-        dims = [int(d) for d in m.group("dims").split(",") if d]
-        total += itemsize * int(np.prod(dims, dtype=np.int64))
-    return total
-
-
-def collectives(hlo_text: str) -> tuple[Collective, ...]:
-    """Collective ops in compiled HLO text: kind, count and result bytes."""
-    counts: dict[str, list[int]] = {}
-    for m in _OP.finditer(hlo_text):
-        op = m.group("op")
-        kind = op.removesuffix("-start")
-        if kind not in _COLLECTIVES or op.endswith("-done"):
-            continue
-        entry = counts.setdefault(kind, [0, 0])
-        entry[0] += 1
-        entry[1] += _array_bytes(m.group("type"))
-    return tuple(Collective(k, n, b) for k, (n, b) in sorted(counts.items()))
 
 
 def xla_cost(compiled: jax.stages.Compiled | jax.stages.Lowered) -> dict[str, float]:
@@ -358,14 +351,21 @@ def _has_scan(jaxpr: jex.core.Jaxpr) -> bool:
                for eqn in jaxpr.eqns)
 
 
+def _figures(compiled: jax.stages.Compiled) -> np.ndarray:
+    """(flops, bytes accessed, HBM bytes) of a compiled program (HBM: NaN off TPU)."""
+    cost = xla_cost(compiled)
+    on_tpu = _devices_of((compiled.input_shardings, compiled.output_shardings))[0].platform == "tpu"
+    hbm = memory_traffic(compiled.as_text()).device_bytes if on_tpu else np.nan
+    return np.array([cost.get("flops", 0.0), cost.get("bytes accessed", 0.0), hbm])
+
+
 def _compiled_body_cost(device: jax.Device) -> Callable[[jex.core.ClosedJaxpr], np.ndarray]:
-    """(flops, bytes accessed) of a loop body compiled alone for `device`."""
+    """`_figures` of a loop body compiled alone for `device`."""
     sharding = jax.sharding.SingleDeviceSharding(device)
 
     def cost(body: jex.core.ClosedJaxpr) -> np.ndarray:
         args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, sharding=sharding) for v in body.jaxpr.invars]
-        figures = xla_cost(jax.jit(jex.core.jaxpr_as_fun(body)).lower(*args).compile())
-        return np.array([figures.get("flops", 0.0), figures.get("bytes accessed", 0.0)])
+        return _figures(jax.jit(jex.core.jaxpr_as_fun(body)).lower(*args).compile())
 
     return cost
 
@@ -414,8 +414,7 @@ def compile_traced(traced: jax.stages.Traced, *, name: str = "program", target: 
         raise DoesNotFit(f"{name} does not fit on {target or 'the target'}: {reason}") from None
     seconds = time.perf_counter() - start
     devices = _devices_of((compiled.input_shardings, compiled.output_shardings))
-    cost = xla_cost(compiled)
-    figures = np.array([cost.get("flops", 0.0), cost.get("bytes accessed", 0.0)])
+    figures = _figures(compiled)
     loop_cost = "no loops"
     if _has_scan(traced.jaxpr.jaxpr):
         if len(devices) == 1:
@@ -441,6 +440,7 @@ def compile_traced(traced: jax.stages.Traced, *, name: str = "program", target: 
         chip=chip_of(devices[0]),
         loop_cost=loop_cost,
         model_flops=model_flops(traced),
+        hbm_bytes=None if np.isnan(figures[2]) else float(figures[2]),
     )
     return report, compiled
 

@@ -71,19 +71,29 @@ def _dotted(part: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TargetCost:
-    """A target compiler's figures for one chip: flops and bytes accessed (summed over a row's
-    modules), and the roofline they set on the chip (`aot.Chip.roofline`)."""
+    """A target compiler's figures for one chip: flops, bytes accessed and (TPU) the part of them
+    in HBM, summed over a row's modules, and the rooflines they set (`aot.Chip.roofline`)."""
 
     flops: float
     bytes_accessed: float
     chip: aot.Chip | None
+    hbm_bytes: float | None = None
+
+    @classmethod
+    def of(cls, report: aot.CompileReport) -> TargetCost:
+        return cls(report.flops, report.bytes_accessed, report.chip, report.hbm_bytes)
 
     def __add__(self, other: TargetCost) -> TargetCost:
-        return TargetCost(self.flops + other.flops, self.bytes_accessed + other.bytes_accessed, self.chip)
+        hbm = None if self.hbm_bytes is None or other.hbm_bytes is None else self.hbm_bytes + other.hbm_bytes
+        return TargetCost(self.flops + other.flops, self.bytes_accessed + other.bytes_accessed, self.chip, hbm)
 
     @property
     def roofline(self) -> tuple[float, str] | None:
         return None if self.chip is None else self.chip.roofline(self.flops, self.bytes_accessed)
+
+    @property
+    def hbm_roofline(self) -> tuple[float, str] | None:
+        return None if self.chip is None or self.hbm_bytes is None else self.chip.roofline(self.flops, self.hbm_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +248,7 @@ def _group_costs(model: RemovalModel, variables: Mapping[str, Any], inputs: tupl
             if key not in compiled:
                 report, _ = aot.compile_report(replay, aot.abstract(weights, chip), aot.abstract(dynamic, chip),
                                                name=name, target=target)
-                compiled[key] = TargetCost(report.flops, report.bytes_accessed, report.chip)
+                compiled[key] = TargetCost.of(report)
             on_target[name] = on_target[name] + compiled[key] if name in on_target else compiled[key]
     return flops, on_target
 
@@ -364,16 +374,19 @@ def format_report(ins: Inspection) -> str:
     if total_flops:
         header += f" {'GFLOPs':>10s} {'share':>6s}"
     if whole_step is not None:
-        header += f" | {'chip GFLOP':>10s} {'GB':>7s} {'roofline':>10s} {'bound':>7s}"
+        header += (f" | {'chip GFLOP':>10s} {'GB':>7s} {'roofline':>10s} {'bound':>7s}"
+                   f" | {'HBM GB':>7s} {'roofline':>10s} {'bound':>7s}")
     lines += [header, "-" * len(header)]
 
     def on_target(cost: TargetCost | None) -> str:
         if cost is None:
             return ""
-        text = f" | {cost.flops / 1e9:10.2f} {cost.bytes_accessed / 1e9:7.3f}"
-        if cost.roofline is not None:
-            text += f" {cost.roofline[0] * 1e3:7.3f} ms {cost.roofline[1]:>7s}"
-        return text
+        def roofline(figure: tuple[float, str] | None) -> str:
+            return f" {'—':>10s} {'':7s}" if figure is None else f" {figure[0] * 1e3:7.3f} ms {figure[1]:>7s}"
+
+        hbm = f"{'—':>7s}" if cost.hbm_bytes is None else f"{cost.hbm_bytes / 1e9:7.3f}"
+        return (f" | {cost.flops / 1e9:10.2f} {cost.bytes_accessed / 1e9:7.3f}{roofline(cost.roofline)}"
+                f" | {hbm}{roofline(cost.hbm_roofline)}")
 
     def row(name: str, params: int, stats: int, flops: float | None, cost: TargetCost | None = None) -> str:
         text = f"{name:30s} {params:13,d} {stats:9,d}"
@@ -387,7 +400,7 @@ def format_report(ins: Inspection) -> str:
         # Element-wise glue outside the rows: skip concatenations, the time sinusoid, the head's SiLU.
         rest = total_flops - sum(r.flops or 0.0 for r in ins.rows)
         lines.append(f"{'(between modules)':30s} {'':13s} {'':9s} {rest / 1e9:10.2f} {100 * rest / total_flops:5.1f}%")
-    whole = None if whole_step is None else TargetCost(whole_step.flops, whole_step.bytes_accessed, whole_step.chip)
+    whole = None if whole_step is None else TargetCost.of(whole_step)
     lines += ["-" * len(header), row("total", ins.params, ins.stats, total_flops, whole), ""]
     lines.append(f"parameters: {ins.params:,d} ({4 * ins.params / 2**20:,.1f} MiB float32); "
                  f"BatchNorm statistics: {ins.stats:,d}")

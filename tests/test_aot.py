@@ -27,6 +27,8 @@ from bench.target import TARGET_FIELDS, TARGET_HEADER_FIELDS  # noqa: E402
 from moebius_jax import aot  # noqa: E402
 from moebius_jax.config import load_config  # noqa: E402
 from moebius_jax.errors import UserError  # noqa: E402
+from moebius_jax.hlo_text import memory_traffic  # noqa: E402
+from moebius_jax.inspect_model import TargetCost, format_report, inspect_model  # noqa: E402
 from moebius_jax.latents import guidance_task_ids  # noqa: E402
 from moebius_jax.loading import abstract_variables, build_model  # noqa: E402
 
@@ -78,6 +80,72 @@ def test_student_step_report_fields(student_report):
     assert record["memory"]["fits"] is True and record["memory"]["hbm"] == 16 * 2**30
     assert record["bound"] == r.bound and record["flops"] == r.flops
     assert "fits" in r.summary() and "roofline" in r.summary()
+    # The float32 parameters are read from HBM at least once; XLA keeps most of the rest on chip.
+    assert r.argument_bytes <= r.hbm_bytes < r.bytes_accessed
+    assert r.hbm_roofline == (max(r.flops / 197e12, r.hbm_bytes / 819e9),
+                              "compute" if r.flops / 197e12 >= r.hbm_bytes / 819e9 else "memory")
+    assert record["hbm"]["bytes"] == r.hbm_bytes and record["hbm"]["roofline_seconds"] == r.hbm_roofline[0]
+    assert "HBM roofline" in r.summary()
+
+
+def _mlp_hbm_bytes(rows: int) -> tuple[aot.CompileReport, int]:
+    """An MLP whose hidden map (rows x 4096 bf16) is the one large temporary: (report, its bytes)."""
+    chip = aot.single_device(TARGET)
+    x = jax.ShapeDtypeStruct((rows, 1024), jnp.bfloat16, sharding=chip)
+    w1 = jax.ShapeDtypeStruct((1024, 4096), jnp.bfloat16, sharding=chip)
+    w2 = jax.ShapeDtypeStruct((4096, 1024), jnp.bfloat16, sharding=chip)
+    mlp = jax.jit(lambda x, w1, w2: jax.nn.gelu(x @ w1) @ w2 + x)
+    report, _ = aot.compile_report(mlp, x, w1, w2, name="mlp", target=TARGET)
+    return report, rows * 4096 * 2
+
+
+def test_hbm_bytes_follow_where_xla_places_the_hidden_map():
+    """A 16 MiB hidden map stays in on-chip memory (128 MiB of VMEM on v5e): HBM sees little more
+    than the inputs and the output; a 512 MiB one cannot, and is written to HBM and read back."""
+    small, hidden = _mlp_hbm_bytes(2048)
+    inputs_and_output = (2 * 2048 * 1024 + 2 * 1024 * 4096) * 2
+    assert inputs_and_output <= small.hbm_bytes < inputs_and_output + hidden
+    assert small.bytes_accessed > small.hbm_bytes + hidden  # XLA's figure counts the on-chip traffic
+    large, hidden = _mlp_hbm_bytes(65536)
+    assert large.hbm_bytes >= 2 * hidden
+
+
+def test_memory_traffic_on_hlo_text():
+    """Tiles pad the minor dimensions, S(n) names the memory space, async pairs count once, loop
+    bodies count, fused computations do not (their fusion instruction does)."""
+    hlo = """HloModule m, entry_computation_layout={()->f32[8,128]{1,0}}
+
+%fused (p: bf16[2,40]) -> bf16[2,40] {
+  %p = bf16[2,40]{1,0:T(2,128)(2,1)} parameter(0)
+  ROOT %n = bf16[2,40]{1,0:T(2,128)(2,1)} negate(%p)
+}
+
+%body (s: f32[8,128]) -> f32[8,128] {
+  %s = f32[8,128]{1,0:T(8,128)} parameter(0)
+  ROOT %e = f32[8,128]{1,0:T(8,128)} exponential(%s)
+}
+
+%cond (c: f32[8,128]) -> pred[] {
+  %c = f32[8,128]{1,0:T(8,128)} parameter(0)
+  ROOT %t = pred[]{:T(128)} constant(true)
+}
+
+ENTRY %main (a: bf16[2,40], w: f32[8,128]) -> f32[8,128] {
+  %a = bf16[2,40]{1,0:T(2,128)(2,1)} parameter(0)
+  %w = f32[8,128]{1,0:T(8,128)} parameter(1)
+  %cs = (f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%w)
+  %cd = f32[8,128]{1,0:T(8,128)S(1)} copy-done(%cs)
+  %f = bf16[2,40]{1,0:T(2,128)(2,1)S(1)} fusion(%a), kind=kLoop, calls=%fused
+  %l = f32[8,128]{1,0:T(8,128)} while(%cd), condition=%cond, body=%body
+  ROOT %r = f32[8,128]{1,0:T(8,128)} add(%l, %cd)
+}
+"""
+    row, tile = 2 * 128 * 2, 8 * 128 * 4  # bf16[2,40] padded to 128 lanes; f32[8,128]
+    traffic = memory_traffic(hlo)
+    # HBM: copy-start reads w; the fusion reads a; the loop body reads and writes s; add reads
+    # l and writes r. On chip: copy-done's result, the fusion's result, add's second operand.
+    assert traffic.by_space == {0: tile + row + 2 * tile + 2 * tile, 1: tile + row + tile}
+    assert traffic.device_bytes == 5 * tile + row and traffic.on_chip_bytes == 2 * tile + row
 
 
 def test_absurd_batch_does_not_fit():
@@ -183,3 +251,13 @@ def test_bench_target_record_and_report(tmp_path):
     table = render_target(results).splitlines()
     assert table[0].startswith(results["header"]["date"][:10] + ", target tpu:v5e:2x2: 4 × TPU v5 lite")
     assert table[-1].startswith("| student_forward.b1 | moebius_tiny | bfloat16 / bfloat16 | 2×16×16×9 | 1 |")
+
+
+@pytest.mark.slow  # a minute: the tiny student's modules and CFG step compiled for one chip
+def test_inspect_target_rows_carry_hbm_bytes():
+    ins = inspect_model(TINY, resolution=128, images=1, target=TARGET, dtype="bfloat16")
+    costs = [r.on_target for r in ins.rows if r.on_target is not None]
+    assert len(costs) == len(ins.rows) and all(0 < c.hbm_bytes < c.bytes_accessed for c in costs)
+    assert ins.target_step.hbm_bytes == TargetCost.of(ins.target_step).hbm_bytes
+    header = next(line for line in format_report(ins).splitlines() if "chip GFLOP" in line)
+    assert "HBM GB" in header and header.count("roofline") == 2
