@@ -10,7 +10,8 @@ split by memory space, so the traffic that HBM's bandwidth limits can be told fr
 Sizes are those of the compiled layouts: TPU layouts tile their two minor dimensions (e.g.
 `T(8,128)`), so a 40-wide minor dimension occupies 128 lanes; the count applies that padding,
 as XLA's own figure does. An instruction's operands and result count once each; an async pair
-(`copy-start` / `copy-done`, ...) counts its operands at the start and its result at the done.
+(`copy-start` / `copy-done`, ...) counts its operands at the start and its result at the done,
+and a `slice-start` reads only its slice of the source.
 Loop bodies count once, like XLA's cost analysis (`aot` corrects both for scan trip counts).
 """
 
@@ -221,9 +222,15 @@ def memory_traffic(hlo_text: str) -> MemoryTraffic:
         for ins in computations[name]:
             if ins.opcode in _NO_TRAFFIC:
                 continue
-            if not ins.opcode.endswith("-done"):
-                for operand in ins.operands:
-                    add(types.get(operand.split()[-1].lstrip("%"), operand))
+            operands = [types.get(operand.split()[-1].lstrip("%"), operand) for operand in ins.operands]
+            if ins.opcode == "slice-start":
+                # ((source), slice, context): only the slice is read, from the source's memory.
+                (_, source_space), = _arrays(operands[0])
+                sliced = array_bytes(_split_operands(ins.type[1:-1])[1])
+                by_space[source_space] = by_space.get(source_space, 0) + sliced
+            elif not ins.opcode.endswith("-done"):
+                for operand in operands:
+                    add(operand)
             if not ins.opcode.endswith("-start"):
                 add(ins.type)
     return MemoryTraffic(dict(sorted(by_space.items())))

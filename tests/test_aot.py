@@ -111,8 +111,8 @@ def test_hbm_bytes_follow_where_xla_places_the_hidden_map():
 
 
 def test_memory_traffic_on_hlo_text():
-    """Tiles pad the minor dimensions, S(n) names the memory space, async pairs count once, loop
-    bodies count, fused computations do not (their fusion instruction does)."""
+    """Tiles pad the minor dimensions, S(n) names the memory space, async pairs count once (a
+    slice-start its slice), loop bodies count, fused computations do not (their fusion does)."""
     hlo = """HloModule m, entry_computation_layout={()->f32[8,128]{1,0}}
 
 %fused (p: bf16[2,40]) -> bf16[2,40] {
@@ -130,11 +130,14 @@ def test_memory_traffic_on_hlo_text():
   ROOT %t = pred[]{:T(128)} constant(true)
 }
 
-ENTRY %main (a: bf16[2,40], w: f32[8,128]) -> f32[8,128] {
+ENTRY %main (a: bf16[2,40], w: f32[8,128], v: f32[16,128]) -> f32[8,128] {
   %a = bf16[2,40]{1,0:T(2,128)(2,1)} parameter(0)
   %w = f32[8,128]{1,0:T(8,128)} parameter(1)
   %cs = (f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%w)
   %cd = f32[8,128]{1,0:T(8,128)S(1)} copy-done(%cs)
+  %v = f32[16,128]{1,0:T(8,128)} parameter(2)
+  %ss = ((f32[16,128]{1,0:T(8,128)}), f32[8,128]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%v), slice={[0:8], [0:128]}
+  %sd = f32[8,128]{1,0:T(8,128)S(1)} slice-done(%ss)
   %f = bf16[2,40]{1,0:T(2,128)(2,1)S(1)} fusion(%a), kind=kLoop, calls=%fused
   %l = f32[8,128]{1,0:T(8,128)} while(%cd), condition=%cond, body=%body
   ROOT %r = f32[8,128]{1,0:T(8,128)} add(%l, %cd)
@@ -142,10 +145,11 @@ ENTRY %main (a: bf16[2,40], w: f32[8,128]) -> f32[8,128] {
 """
     row, tile = 2 * 128 * 2, 8 * 128 * 4  # bf16[2,40] padded to 128 lanes; f32[8,128]
     traffic = memory_traffic(hlo)
-    # HBM: copy-start reads w; the fusion reads a; the loop body reads and writes s; add reads
-    # l and writes r. On chip: copy-done's result, the fusion's result, add's second operand.
-    assert traffic.by_space == {0: tile + row + 2 * tile + 2 * tile, 1: tile + row + tile}
-    assert traffic.device_bytes == 5 * tile + row and traffic.on_chip_bytes == 2 * tile + row
+    # HBM: copy-start reads w; slice-start reads half of v; the fusion reads a; the loop body
+    # reads and writes s; add reads l and writes r. On chip: copy-done's and slice-done's
+    # results, the fusion's result, add's second operand.
+    assert traffic.by_space == {0: tile + tile + row + 2 * tile + 2 * tile, 1: tile + tile + row + tile}
+    assert traffic.device_bytes == 6 * tile + row and traffic.on_chip_bytes == 3 * tile + row
 
 
 def test_absurd_batch_does_not_fit():
