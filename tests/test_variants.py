@@ -23,6 +23,7 @@ from moebius_jax.convert import keymap as km
 from moebius_jax.convert.maps import UNET_KEYMAP
 from moebius_jax.inspect_model import count_parameters, inspect_model, main as inspect_main, xla_cost
 from moebius_jax.layers import mixers
+from moebius_jax.layers import self_lambda
 from moebius_jax.layers.self_lambda import SelfLambda
 from moebius_jax.layers.linear_attention import LinearAttention, elu_feature_map
 from moebius_jax.layers.transformer import Transformer2D
@@ -236,10 +237,16 @@ def _global_lambda_by_definition(x, params, side, hw):
     return y.reshape(b, n, c)
 
 
+@pytest.mark.parametrize("c", [32, 256])
 @pytest.mark.parametrize("hw", [(6, 6), (4, 6), (8, 7)], ids=["native", "smaller", "larger"])
-def test_global_lambda_matches_its_definition(hw):
-    side, c = 6, 32
-    layer = SelfLambda(num_heads=8, position="global", table_side=side)
+def test_global_lambda_matches_its_definition(hw, c):
+    side = 6
+    heads, dk = 8, c // 8
+    # Both forms are checked: relative logits at 256 channels, except on the larger map, whose
+    # absolute table would outgrow the lambdas.
+    relative = self_lambda.relative_logits_are_cheaper(2, hw, heads, dk, dk, (2 * side - 1) ** 2)
+    assert relative == (c == 256 and hw != (8, 7))
+    layer = SelfLambda(num_heads=heads, position="global", table_side=side)
     x = jax.random.normal(jax.random.key(0), (2, hw[0] * hw[1], c))
     variables = layer.init(jax.random.key(1), x, hw)
     params = jax.tree.map(np.asarray, variables["params"])
@@ -248,6 +255,37 @@ def test_global_lambda_matches_its_definition(hw):
     ref = _global_lambda_by_definition(np.asarray(x, np.float64), params, side, hw)
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     assert params["rel_pos_emb"].shape == (2 * side - 1, 2 * side - 1, c // 8, 1)
+
+
+@pytest.mark.parametrize("hw,taps,pad", [((16, 16), (15, 15), (7, 7)), ((5, 9), (15, 15), (7, 7)),
+                                          ((6, 4), (3, 5), (1, 2)), ((4, 4), (7, 7), (3, 3))])
+def test_position_forms_agree(hw, taps, pad):
+    """The lambda form (convolution, then q) and the relative-logits form give the same position
+    term, bias included, on square and oblong maps, maps smaller than the kernel and kernels
+    of unequal sides."""
+    b, heads, dk, dv = 2, 4, 6, 5
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (b, hw[0] * hw[1], heads, dk))
+    v = jax.random.normal(ks[1], (b, *hw, dv))
+    kernel = jax.random.normal(ks[2], (*taps, dk))
+    bias = jax.random.normal(ks[3], (dk,))
+    by_lambdas = self_lambda.position_by_lambdas(q, v, kernel, bias, pad, None)
+    by_logits = self_lambda.position_by_relative_logits(q, v, kernel, bias, pad, None)
+    assert by_lambdas.shape == by_logits.shape == (b, hw[0] * hw[1], heads, dv)
+    scale = float(jnp.max(jnp.abs(by_lambdas)))
+    assert float(jnp.max(jnp.abs(by_logits - by_lambdas))) <= 1e-5 * scale
+
+
+def test_position_form_follows_the_shapes():
+    """The student's Local-λ (8 heads, 15 x 15 taps) at 512²: relative logits on the 16 x 16,
+    1280-channel level (a fifth of the multiply-adds, no lambdas), lambdas on the larger maps;
+    at 1024² the 32 x 32 level's table would outgrow the lambdas, so lambdas there too."""
+    def cheaper(batch, side, channels):
+        return self_lambda.relative_logits_are_cheaper(batch, (side, side), 8, channels // 8, channels // 8, 225)
+
+    assert cheaper(2, 16, 1280) and cheaper(16, 16, 1280)
+    assert not cheaper(2, 32, 640) and not cheaper(2, 64, 320) and not cheaper(2, 32, 1280)
+    assert not cheaper(1, 16, 1280)  # one example: the table is larger than its lambdas
 
 
 def test_linear_attention_equals_its_quadratic_form():
