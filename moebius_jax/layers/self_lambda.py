@@ -23,9 +23,10 @@ since q · λp[n] = Σ_m (q_n · E[m - n]) V[m], take relative logits q_n · E[m
 table of E laid out by absolute key position (N x N x d_k, zero outside the window) and
 multiply them into V, like attention. The first costs N · d_k · d_v per example and r² taps
 per lambda entry; the second N² (h + d_k) and no taps, so it wins on small maps with wide
-heads — the student's 16 x 16, 1280-channel level, where it does a fifth of the arithmetic
-and keeps a batch of 8 in on-chip memory on a TPU instead of streaming 1 GB of lambdas through
-HBM. `relative_logits_are_cheaper` picks per call, from the shapes.
+heads — the student's 16 x 16, 1280-channel level, where the position term takes a fifth of
+the arithmetic (the layer half) and, for 8 images on a TPU, stays in on-chip memory instead of
+streaming 1 GB of lambdas through HBM. `relative_logits_are_cheaper` picks per call, from the
+shapes.
 """
 
 from __future__ import annotations
