@@ -238,6 +238,11 @@ class CompileReport:
             return None
         return self.chip.roofline(self.flops, self.hbm_bytes)
 
+    @property
+    def hbm_seconds(self) -> float | None:
+        """HBM bytes / HBM bandwidth (None where either is unknown)."""
+        return None if self.chip is None or self.hbm_bytes is None else self.hbm_bytes / self.chip.hbm_bandwidth
+
     def _mfu(self, seconds: float | None) -> float | None:
         if self.chip is None or self.model_flops is None or not seconds:
             return None
@@ -282,7 +287,7 @@ class CompileReport:
             "mfu": self.mfu,
             "hbm": None if self.hbm_roofline is None else {
                 "bytes": self.hbm_bytes,
-                "seconds": self.hbm_bytes / chip.hbm_bandwidth,
+                "seconds": self.hbm_seconds,
                 "roofline_seconds": self.hbm_roofline[0],
                 "bound": self.hbm_roofline[1],
                 "mfu": self._mfu(self.hbm_roofline[0]),
@@ -313,7 +318,7 @@ class CompileReport:
             seconds, bound = self.hbm_roofline
             lines.append(f"  of which in HBM {self.hbm_bytes / gb:.2f} GB (the rest in on-chip memory): "
                          f"HBM roofline {seconds * 1e3:.2f} ms, {bound}-bound "
-                         f"(memory {self.hbm_bytes / self.chip.hbm_bandwidth * 1e3:.2f} ms)")
+                         f"(memory {self.hbm_seconds * 1e3:.2f} ms)")
         if self.mfu is not None:
             lines.append(f"  model {self.model_flops / gb:.1f} GFLOP on all {self.devices} device(s): "
                          f"MFU at most {100 * self.mfu:.1f}% (model flops / (devices x peak x roofline))")
@@ -351,11 +356,11 @@ def _has_scan(jaxpr: jex.core.Jaxpr) -> bool:
                for eqn in jaxpr.eqns)
 
 
-def _figures(compiled: jax.stages.Compiled) -> np.ndarray:
-    """(flops, bytes accessed, HBM bytes) of a compiled program (HBM: NaN off TPU)."""
+def _figures(compiled: jax.stages.Compiled, hlo_text: str) -> np.ndarray:
+    """(flops, bytes accessed, HBM bytes) of a compiled program and its text (HBM: NaN off TPU)."""
     cost = xla_cost(compiled)
     on_tpu = _devices_of((compiled.input_shardings, compiled.output_shardings))[0].platform == "tpu"
-    hbm = memory_traffic(compiled.as_text()).device_bytes if on_tpu else np.nan
+    hbm = memory_traffic(hlo_text).device_bytes if on_tpu else np.nan
     return np.array([cost.get("flops", 0.0), cost.get("bytes accessed", 0.0), hbm])
 
 
@@ -365,7 +370,8 @@ def _compiled_body_cost(device: jax.Device) -> Callable[[jex.core.ClosedJaxpr], 
 
     def cost(body: jex.core.ClosedJaxpr) -> np.ndarray:
         args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, sharding=sharding) for v in body.jaxpr.invars]
-        return _figures(jax.jit(jex.core.jaxpr_as_fun(body)).lower(*args).compile())
+        compiled = jax.jit(jex.core.jaxpr_as_fun(body)).lower(*args).compile()
+        return _figures(compiled, compiled.as_text())
 
     return cost
 
@@ -414,7 +420,8 @@ def compile_traced(traced: jax.stages.Traced, *, name: str = "program", target: 
         raise DoesNotFit(f"{name} does not fit on {target or 'the target'}: {reason}") from None
     seconds = time.perf_counter() - start
     devices = _devices_of((compiled.input_shardings, compiled.output_shardings))
-    figures = _figures(compiled)
+    hlo_text = compiled.as_text()
+    figures = _figures(compiled, hlo_text)
     loop_cost = "no loops"
     if _has_scan(traced.jaxpr.jaxpr):
         if len(devices) == 1:
@@ -436,7 +443,7 @@ def compile_traced(traced: jax.stages.Traced, *, name: str = "program", target: 
         alias_bytes=int(getattr(memory, "alias_size_in_bytes", 0)),
         temp_bytes=int(getattr(memory, "temp_size_in_bytes", 0)),
         code_bytes=int(getattr(memory, "generated_code_size_in_bytes", 0)),
-        collectives=collectives(compiled.as_text()),
+        collectives=collectives(hlo_text),
         chip=chip_of(devices[0]),
         loop_cost=loop_cost,
         model_flops=model_flops(traced),
